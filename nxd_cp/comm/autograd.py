@@ -1,0 +1,129 @@
+"""Differentiable collectives: each forward collective paired with the one its gradient needs.
+
+| function           | forward                 | backward                          |
+|--------------------|-------------------------|-----------------------------------|
+| all_gather         | all-gather on ``dim``   | reduce-scatter (ranks' grads differ) |
+| gather_from_group  | all-gather on ``dim``   | keep own chunk (grads replicated) |
+| reduce_scatter     | reduce-scatter          | all-gather                        |
+| scatter_to_group   | keep own chunk          | all-gather                        |
+| ring_shift         | shift by ``direction``  | shift by ``-direction``           |
+| copy_to_group      | identity                | all-reduce                        |
+| reduce_from_group  | all-reduce              | identity                          |
+
+``gather_from_group`` / ``scatter_to_group`` / ``copy_to_group`` / ``reduce_from_group`` are the
+tensor-parallel mappings (Megatron / NxD ``mappings.py`` semantics); ``all_gather`` is the one
+whose downstream computation differs per rank, as for K/V in context parallelism.
+"""
+from __future__ import annotations
+
+import torch
+
+from nxd_cp.comm.base import Transport
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, transport):
+        ctx.dim, ctx.transport = dim, transport
+        return transport.all_gather(x, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.transport.reduce_scatter(g, ctx.dim), None, None
+
+
+class _GatherFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, transport):
+        ctx.dim, ctx.transport = dim, transport
+        return transport.all_gather(x, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        t = ctx.transport
+        return g.chunk(t.size, dim=ctx.dim)[t.rank].contiguous(), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, transport):
+        ctx.dim, ctx.transport = dim, transport
+        return transport.reduce_scatter(x, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.transport.all_gather(g, ctx.dim), None, None
+
+
+class _ScatterToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, transport):
+        ctx.dim, ctx.transport = dim, transport
+        if x.shape[dim] % transport.size:
+            raise ValueError(f"scatter_to_group: size {x.shape[dim]} of dim {dim} is not "
+                             f"divisible by the group size {transport.size}")
+        return x.chunk(transport.size, dim=dim)[transport.rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.transport.all_gather(g, ctx.dim), None, None
+
+
+class _RingShift(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, direction, transport):
+        ctx.direction, ctx.transport = direction, transport
+        return transport.ring_shift(x, direction)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.transport.ring_shift(g, -ctx.direction), None, None
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, transport):
+        ctx.transport = transport
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.transport.all_reduce(g), None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, transport):
+        return transport.all_reduce(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def all_gather(x: torch.Tensor, dim: int, transport: Transport) -> torch.Tensor:
+    return x if transport.size == 1 else _AllGather.apply(x, dim, transport)
+
+
+def gather_from_group(x: torch.Tensor, dim: int, transport: Transport) -> torch.Tensor:
+    return x if transport.size == 1 else _GatherFromGroup.apply(x, dim, transport)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, transport: Transport) -> torch.Tensor:
+    return x if transport.size == 1 else _ReduceScatter.apply(x, dim, transport)
+
+
+def scatter_to_group(x: torch.Tensor, dim: int, transport: Transport) -> torch.Tensor:
+    return x if transport.size == 1 else _ScatterToGroup.apply(x, dim, transport)
+
+
+def ring_shift(x: torch.Tensor, transport: Transport, direction: int = 1) -> torch.Tensor:
+    return x if transport.size == 1 else _RingShift.apply(x, direction, transport)
+
+
+def copy_to_group(x: torch.Tensor, transport: Transport) -> torch.Tensor:
+    return x if transport.size == 1 else _CopyToGroup.apply(x, transport)
+
+
+def reduce_from_group(x: torch.Tensor, transport: Transport) -> torch.Tensor:
+    return x if transport.size == 1 else _ReduceFromGroup.apply(x, transport)

@@ -1,0 +1,167 @@
+"""The transport interface the CP algorithms are written against, and a byte tally.
+
+A transport moves tensors inside one group of ranks. Algorithms call only these methods; a
+transport knows nothing about attention. ``GroupSpec`` is one rank's view of a group: its
+members (global ranks, in group order), its index among them, every group of the same kind
+(the ``replica_groups`` XLA collectives need) and, on torch.distributed, the ProcessGroup.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One rank's view of a process group.
+
+    ranks: global ranks of this rank's group, in group order.
+    rank: this rank's index in ``ranks``.
+    all_groups: every group of this kind (a partition of the world), for XLA replica groups.
+    process_group: the torch.distributed ProcessGroup, or None where there is none (XLA
+        lowering with an explicit group).
+    """
+
+    ranks: Tuple[int, ...]
+    rank: int
+    all_groups: Tuple[Tuple[int, ...], ...]
+    process_group: Any = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < len(self.ranks):
+            raise ValueError(f"rank={self.rank} is outside the group {list(self.ranks)}")
+        if tuple(self.ranks) not in {tuple(g) for g in self.all_groups}:
+            raise ValueError(f"ranks={list(self.ranks)} is not one of all_groups="
+                             f"{[list(g) for g in self.all_groups]}")
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @staticmethod
+    def explicit(all_groups: Sequence[Sequence[int]], global_rank: int,
+                 process_group: Any = None) -> "GroupSpec":
+        """The spec of ``global_rank`` given every group of a kind (e.g. all CP groups)."""
+        groups = tuple(tuple(int(r) for r in g) for g in all_groups)
+        for g in groups:
+            if global_rank in g:
+                return GroupSpec(g, g.index(global_rank), groups, process_group)
+        raise ValueError(f"global_rank={global_rank} is in none of the groups {list(groups)}")
+
+
+class PendingTensor:
+    """Result of an asynchronous collective: ``wait()`` returns the received tensor."""
+
+    def __init__(self, tensor: torch.Tensor, works: Optional[List[Any]] = None):
+        self._tensor = tensor
+        self._works = works or []
+
+    def wait(self) -> torch.Tensor:
+        for w in self._works:
+            w.wait()
+        self._works = []
+        return self._tensor
+
+
+class Transport(ABC):
+    """Collectives inside one group. Every method is called by all ranks of the group.
+
+    Shapes: ``all_gather`` concatenates the ranks' tensors along ``dim`` in group order;
+    ``reduce_scatter`` sums over the group and returns chunk ``rank`` of ``dim`` (size must
+    divide); ``ring_shift`` sends to group index ``rank + direction`` and receives from
+    ``rank - direction`` (mod size).
+    """
+
+    def __init__(self, group: GroupSpec):
+        self.group = group
+
+    @property
+    def size(self) -> int:
+        return self.group.size
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @abstractmethod
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def ring_shift_start(self, x: torch.Tensor, direction: int = 1) -> PendingTensor:
+        """Start a ring shift; the caller can compute while it travels, then ``wait()``."""
+
+    @abstractmethod
+    def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor: ...
+
+    def ring_shift(self, x: torch.Tensor, direction: int = 1) -> torch.Tensor:
+        return self.ring_shift_start(x, direction).wait()
+
+    # Helpers shared by the implementations.
+    def _check_direction(self, direction: int) -> None:
+        if direction not in (1, -1):
+            raise ValueError(f"direction={direction!r} must be +1 or -1")
+
+    def _check_divisible(self, x: torch.Tensor, dim: int, what: str) -> None:
+        if x.shape[dim] % self.size:
+            raise ValueError(f"{what}: size {x.shape[dim]} of dim {dim} is not divisible by "
+                             f"the group size {self.size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte tally (benchmarks): bytes this rank sends, by primitive, using the bandwidth-optimal
+# algorithm's volume (ring all-gather sends (n-1) local chunks, reduce-scatter (n-1)/n of its
+# input, all-reduce 2(n-1)/n, a ring shift the whole tensor). A figure of the algorithm, not of
+# a particular backend's implementation, so it is the same on gloo, NCCL and XLA.
+# ---------------------------------------------------------------------------------------------
+_TALLY: contextvars.ContextVar[Optional["ByteTally"]] = contextvars.ContextVar(
+    "nxd_cp_byte_tally", default=None)
+
+
+class ByteTally:
+    """Bytes sent per primitive and call counts, filled while ``count_bytes()`` is active."""
+
+    def __init__(self) -> None:
+        self.bytes: Dict[str, int] = defaultdict(int)
+        self.calls: Dict[str, int] = defaultdict(int)
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+    def add(self, primitive: str, nbytes: int) -> None:
+        self.bytes[primitive] += int(nbytes)
+        self.calls[primitive] += 1
+
+
+@contextlib.contextmanager
+def count_bytes() -> Iterator[ByteTally]:
+    """Tally the bytes every transport call on this thread sends while the block runs."""
+    tally = ByteTally()
+    token = _TALLY.set(tally)
+    try:
+        yield tally
+    finally:
+        _TALLY.reset(token)
+
+
+def record(primitive: str, x: torch.Tensor, n: int) -> None:
+    """Record the bytes one rank sends for ``primitive`` on tensor ``x`` in a group of ``n``."""
+    tally = _TALLY.get()
+    if tally is None or n == 1:
+        return
+    nbytes = x.numel() * x.element_size()
+    factor = {"all_gather": n - 1, "reduce_scatter": (n - 1) / n, "all_reduce": 2 * (n - 1) / n,
+              "ring_shift": 1, "all_to_all": (n - 1) / n}[primitive]
+    tally.add(primitive, round(nbytes * factor))

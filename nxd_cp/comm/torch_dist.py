@@ -1,0 +1,94 @@
+"""torch.distributed transport: NCCL on CUDA, gloo on CPU.
+
+Collectives work on dim 0 of contiguous buffers; other dims are moved to the front and back.
+The ring shift is one ``batch_isend_irecv`` (send to the next rank, receive from the previous)
+whose handles the caller waits on after computing, so communication overlaps compute.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from nxd_cp.comm.base import PendingTensor, Transport, record
+
+
+class TorchDistTransport(Transport):
+    """Collectives of ``group.process_group`` (a torch.distributed ProcessGroup)."""
+
+    def __init__(self, group):
+        super().__init__(group)
+        if group.size > 1 and group.process_group is None:
+            raise ValueError("TorchDistTransport needs GroupSpec.process_group for a group of "
+                             f"size {group.size}")
+        self.pg = group.process_group
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        n = self.size
+        if n == 1:
+            return x
+        record("all_gather", x, n)
+        front = x.movedim(dim, 0).contiguous()
+        out = torch.empty((n * front.shape[0],) + front.shape[1:], dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, front, group=self.pg)
+        return out.movedim(0, dim)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        n = self.size
+        if n == 1:
+            return x
+        self._check_divisible(x, dim, "reduce_scatter")
+        record("reduce_scatter", x, n)
+        front = x.movedim(dim, 0).contiguous()
+        out = torch.empty((front.shape[0] // n,) + front.shape[1:], dtype=x.dtype,
+                          device=x.device)
+        dist.reduce_scatter_tensor(out, front, op=dist.ReduceOp.SUM, group=self.pg)
+        return out.movedim(0, dim)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        record("all_reduce", x, self.size)
+        out = x.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.pg)
+        return out
+
+    def ring_shift_start(self, x: torch.Tensor, direction: int = 1) -> PendingTensor:
+        self._check_direction(direction)
+        n = self.size
+        if n == 1:
+            return PendingTensor(x)
+        record("ring_shift", x, n)
+        send = x.contiguous()
+        recv = torch.empty_like(send)
+        ranks, r = self.group.ranks, self.rank
+        ops = [dist.P2POp(dist.isend, send, ranks[(r + direction) % n], self.pg),
+               dist.P2POp(dist.irecv, recv, ranks[(r - direction) % n], self.pg)]
+        works = dist.batch_isend_irecv(ops)
+        # Keep ``send`` alive until the handles complete.
+        return _PendingShift(recv, works, send)
+
+    def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+        n = self.size
+        if n == 1:
+            return x
+        self._check_divisible(x, scatter_dim, "all_to_all")
+        record("all_to_all", x, n)
+        # Chunk i of scatter_dim goes to rank i; received chunks are concatenated on gather_dim.
+        chunks = x.movedim(scatter_dim, 0)
+        chunks = chunks.reshape((n, chunks.shape[0] // n) + chunks.shape[1:]).contiguous()
+        out = torch.empty_like(chunks)
+        dist.all_to_all_single(out, chunks, group=self.pg)
+        # out[i] is rank i's chunk, laid out like x with scatter_dim shrunk by n.
+        pieces = [p.movedim(0, scatter_dim) for p in out.unbind(0)]
+        return torch.cat(pieces, dim=gather_dim)
+
+
+class _PendingShift(PendingTensor):
+    def __init__(self, recv, works, send):
+        super().__init__(recv, works)
+        self._send = send
+
+    def wait(self) -> torch.Tensor:
+        out = super().wait()
+        self._send = None
+        return out

@@ -1,0 +1,19 @@
+"""nxd_cp: context parallelism for NeuronX Distributed, with a torch.distributed fallback."""
+from setuptools import find_packages, setup
+
+setup(
+    name="nxd_cp",
+    version="0.1.0",
+    description="Context parallelism (ring and all-gather attention) for NeuronX Distributed, "
+    "running the same code on torch.distributed (NCCL, gloo)",
+    packages=find_packages(include=["nxd_cp", "nxd_cp.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.1"],
+    extras_require={
+        "hf": ["transformers>=4.48"],
+        "xla": ["torch-xla"],
+        # The exact stack CI runs; scripts/setup.sh installs requirements-test.txt.
+        "test": ["transformers==4.57.6", "torch-xla==2.9.0", "pytest==8.4.2", "numpy<2.3",
+                 "matplotlib==3.10.7"],
+    },
+)

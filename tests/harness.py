@@ -1,0 +1,118 @@
+"""Run a function on N real gloo ranks in spawned processes and collect what each returns.
+
+``run_ranks(fn, world_size, *args)`` spawns ``world_size`` processes that join one gloo
+process group on a free loopback port, call ``fn(rank, world_size, *args)`` and send back its
+(picklable) return value. An exception on any rank fails the call with that rank's traceback; a
+scenario that does not finish within ``timeout`` seconds is a failure that prints every rank's
+Python stack (faulthandler on SIGUSR1) and kills the processes, never a stuck CI.
+
+``fn`` must be a module-level function of an importable module (spawn pickles it by name).
+"""
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, List
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank, world_size, port, args, results, stack_dir, threads):
+    stack_file = open(os.path.join(stack_dir, f"rank{rank}.txt"), "w")
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          GLOO_SOCKET_IFNAME="lo")
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(threads)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        try:
+            out = fn(rank, world_size, *args)
+        finally:
+            from nxd_cp import parallel_state
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+        results.put((rank, "ok", out))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240,
+              threads: int = 1) -> List[Any]:
+    """Return ``[fn(0, world_size, *args), ..., fn(world_size-1, ...)]`` run on real ranks."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="nxd_cp_ranks_") as stack_dir:
+        procs = [ctx.Process(target=_child, daemon=True,
+                             args=(fn, r, world_size, port, args, results, stack_dir, threads))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        outs, errors = {}, {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(outs) + len(errors) < world_size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(_hung_report(procs, stack_dir, timeout, outs, errors))
+                try:
+                    rank, status, payload = results.get(timeout=min(left, 1.0))
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs)
+                            if not p.is_alive() and p.exitcode not in (0, None)
+                            and r not in outs and r not in errors]
+                    if dead:
+                        # Give the queue a moment: a rank that raised has put its traceback.
+                        time.sleep(0.5)
+                        while not results.empty():
+                            rank, status, payload = results.get()
+                            (outs if status == "ok" else errors)[rank] = payload
+                        for r in dead:
+                            errors.setdefault(r, f"process exited with code {procs[r].exitcode}")
+                    continue
+                (outs if status == "ok" else errors)[rank] = payload
+                if errors:
+                    # One failed rank usually leaves the others blocked in a collective.
+                    time.sleep(2.0)
+                    while not results.empty():
+                        rank, status, payload = results.get()
+                        (outs if status == "ok" else errors)[rank] = payload
+                    break
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                p.join(5)
+    if errors:
+        report = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+        raise AssertionError(f"{len(errors)} of {world_size} ranks failed:\n{report}")
+    return [outs[r] for r in range(world_size)]
+
+
+def _hung_report(procs, stack_dir, timeout, outs, errors) -> str:
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    parts = [f"scenario did not finish within {timeout:.0f}s; finished ranks: {sorted(outs)}, "
+             f"failed ranks: {sorted(errors)}"]
+    for r in range(len(procs)):
+        path = os.path.join(stack_dir, f"rank{r}.txt")
+        with open(path) as f:
+            parts.append(f"--- rank {r} stack ---\n{f.read().strip() or '(finished)'}")
+    return "\n".join(parts)

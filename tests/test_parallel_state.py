@@ -1,0 +1,127 @@
+"""Parallel state on real gloo ranks: groups, ranks, sizes, and that each group communicates."""
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import run_ranks
+from nxd_cp import parallel_state as ps
+from nxd_cp.layout import ParallelLayout
+
+KINDS = {
+    "tensor": (ps.get_tensor_model_parallel_group, ps.get_tensor_model_parallel_rank,
+               ps.get_tensor_model_parallel_size),
+    "context": (ps.get_context_model_parallel_group, ps.get_context_model_parallel_rank,
+                ps.get_context_model_parallel_size),
+    "data": (ps.get_data_parallel_group, ps.get_data_parallel_rank, ps.get_data_parallel_size),
+    "data_context": (ps.get_data_context_parallel_group, ps.get_data_context_parallel_rank,
+                     ps.get_data_context_parallel_size),
+    "pipeline": (ps.get_pipeline_model_parallel_group, ps.get_pipeline_model_parallel_rank,
+                 ps.get_pipeline_model_parallel_size),
+}
+
+
+def _describe_groups(rank, world, tp, cp):
+    """Each kind's (members, rank, size, all-reduce of the global rank inside the group)."""
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    out = {"initialized": ps.model_parallel_is_initialized()}
+    for kind, (group, get_rank, get_size) in KINDS.items():
+        pg = group()
+        t = torch.tensor([float(rank)])
+        dist.all_reduce(t, group=pg)
+        out[kind] = (dist.get_process_group_ranks(pg), get_rank(), get_size(), t.item(),
+                     group(as_list=True))
+    out["cp_replica_groups"] = ps.get_context_model_parallel_replica_groups()
+    out["cp_pairs"] = ps.get_context_model_parallel_src_tgt_pairs()
+    out["tp_replica_groups"] = ps.get_tensor_model_parallel_replica_groups()
+    try:
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+        out["double_init"] = "no error"
+    except RuntimeError as e:
+        out["double_init"] = str(e)
+    ps.destroy_model_parallel()
+    try:
+        ps.get_context_model_parallel_rank()
+        out["after_destroy"] = "no error"
+    except RuntimeError as e:
+        out["after_destroy"] = str(e)
+    # CP size 1 is a valid (no-op) configuration.
+    ps.initialize_model_parallel(tensor_model_parallel_size=world, context_parallel_size=1)
+    out["cp1"] = (ps.get_context_model_parallel_size(), ps.get_context_model_parallel_rank(),
+                  ps.get_context_model_parallel_src_tgt_pairs()[:2])
+    return out
+
+
+def _expected(world, tp, cp, rank):
+    lay = ParallelLayout(world, tp, cp)
+    groups = {"tensor": lay.tensor_parallel_groups(), "context": lay.context_parallel_groups(),
+              "data": lay.data_parallel_groups(),
+              "data_context": lay.data_context_parallel_groups(),
+              "pipeline": lay.pipeline_parallel_groups()}
+    exp = {}
+    for kind, gs in groups.items():
+        g = lay.group_of(gs, rank)
+        exp[kind] = (g, g.index(rank), len(g), float(sum(g)), gs)
+    return exp
+
+
+@pytest.mark.parametrize("world,tp,cp", [(4, 2, 2), (8, 2, 2)])
+def test_groups_on_real_ranks(world, tp, cp):
+    results = run_ranks(_describe_groups, world, tp, cp)
+    for rank, got in enumerate(results):
+        assert got["initialized"]
+        exp = _expected(world, tp, cp, rank)
+        for kind in KINDS:
+            assert got[kind] == exp[kind], (rank, kind)
+        assert "already initialized" in got["double_init"]
+        assert "not initialized" in got["after_destroy"]
+        assert got["cp1"][:2] == (1, 0)
+        assert got["cp1"][2] == [[0, 0], [1, 1]]
+    cp_groups = [[0, 2], [1, 3]] if world == 4 else [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert results[0]["cp_replica_groups"] == cp_groups
+    assert results[0]["cp_pairs"][:4] == [[0, 2], [2, 0], [1, 3], [3, 1]]
+    if world == 8:
+        assert results[5]["data"][0] == [1, 5]
+        assert results[5]["data_context"][0] == [1, 3, 5, 7]
+
+
+def test_errors_without_torch_distributed():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        ps.initialize_model_parallel(context_parallel_size=2)
+    with pytest.raises(RuntimeError, match="not initialized: call .*initialize_model_parallel"):
+        ps.get_context_model_parallel_group()
+    with pytest.raises(RuntimeError, match="not initialized"):
+        ps.get_tensor_model_parallel_size()
+    with pytest.raises(ValueError, match="kind='expert'"):
+        ps.get_group_spec("expert")
+    assert not ps.model_parallel_is_initialized()
+
+
+def _bad_sizes(rank, world):
+    msgs = []
+    for kwargs in (dict(tensor_model_parallel_size=3), dict(context_parallel_size=0),
+                   dict(tensor_model_parallel_size=2, context_parallel_size=2,
+                        pipeline_model_parallel_size=2)):
+        try:
+            ps.initialize_model_parallel(**kwargs)
+            msgs.append("no error")
+        except ValueError as e:
+            msgs.append(str(e))
+    return msgs
+
+
+def _hang(rank, world):
+    if rank == 1:
+        time.sleep(3600)
+    return rank
+
+
+def test_bad_sizes_and_hang_reporting():
+    msgs = run_ranks(_bad_sizes, 2)[0]
+    assert "world_size=2 is not divisible by" in msgs[0] and "(3)" in msgs[0]
+    assert "context_parallel_size=0 must be an integer >= 1" in msgs[1]
+    assert "= 8" in msgs[2]
+    with pytest.raises(TimeoutError, match=r"(?s)did not finish within 10s.*rank 1 stack.*_hang"):
+        run_ranks(_hang, 2, timeout=10)
