@@ -1,0 +1,9 @@
+"""Context-parallel attention: local block kernels, LSE merge, ring and all-gather CP.
+
+Public: ``context_parallel_attention`` (see ``api.py``); ``local_attention``, ``BlockMask``,
+``register_kernel`` for plugging a device kernel in.
+"""
+from nxd_cp.attention.api import context_parallel_attention
+from nxd_cp.attention.kernels import BlockMask, local_attention, register_kernel
+
+__all__ = ["context_parallel_attention", "local_attention", "BlockMask", "register_kernel"]

@@ -1,0 +1,91 @@
+"""``context_parallel_attention``: the public entry point of CP attention.
+
+Validates its inputs, resolves ``group=None`` to the CP group of ``parallel_state``, picks the
+transport from the tensors' device and runs the ring (``comm_type="p2p"``) or the all-gather
+algorithm. A CP group of size 1 runs the local kernel without communication.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from nxd_cp.attention.all_gather import all_gather_attention
+from nxd_cp.attention.kernels import BlockMask, local_attention
+from nxd_cp.attention.ring import ring_attention
+from nxd_cp.comm import get_transport
+from nxd_cp.sharding import check_load_balance, check_sequence_length
+
+COMM_TYPES = ("p2p", "all_gather")
+
+
+def _validate(q, k, v, causal, comm_type, window_size, key_padding_mask) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, S_local, D], got {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and "
+                         f"v {tuple(v.shape)}")
+    (b, hq, s, d), (bk, hkv, sk, dk) = q.shape, k.shape
+    if (b, s, d) != (bk, sk, dk):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, "
+                         f"sequence and head dim ([B, H, S_local, D])")
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of key/value heads {hkv} "
+                         f"(Hq % Hkv == 0)")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if comm_type not in COMM_TYPES:
+        raise ValueError(f"comm_type={comm_type!r} must be one of {COMM_TYPES}")
+    if window_size is not None:
+        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+            raise ValueError(f"window_size={window_size!r} must be None or an integer >= 1")
+        if not causal:
+            raise ValueError(f"window_size={window_size} needs causal=True (sliding windows "
+                             f"are causal, as in Mistral)")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (b, s) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be a bool tensor [B, S_local] = {(b, s)}, "
+                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+
+
+def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               causal: bool = True, comm_type: str = "p2p",
+                               window_size: Optional[int] = None,
+                               softmax_scale: Optional[float] = None,
+                               load_balance: str = "zigzag", group=None,
+                               key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact attention of this rank's sequence shard against the whole sequence of its CP group.
+
+    q [B, Hq, S_local, D]; k, v [B, Hkv, S_local, D] with Hq % Hkv == 0 (K/V are exchanged with
+    their Hkv heads, never repeated). The inputs are this rank's shard in the ``load_balance``
+    layout (``nxd_cp.sharding.shard_sequence``). Returns [B, Hq, S_local, D] in q's dtype.
+
+    causal: causal mask on global positions; window_size: sliding window (key j visible to
+    query i iff j <= i and i - j < window_size, needs causal); softmax_scale: default
+    1/sqrt(D); comm_type: "p2p" (ring) or "all_gather"; group: None for the CP group of
+    ``parallel_state``, or a ``GroupSpec`` / ProcessGroup; key_padding_mask: bool
+    [B, S_local], True for real tokens of this shard (its key part travels with K/V).
+    Rows that see no key return zeros.
+    """
+    from nxd_cp.parallel_state import resolve_group
+
+    _validate(q, k, v, causal, comm_type, window_size, key_padding_mask)
+    check_load_balance(load_balance)
+    spec = resolve_group(group)
+    seq_len = q.shape[2] * spec.size
+    check_sequence_length(seq_len, spec.size, load_balance)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if spec.size == 1:
+        mask = BlockMask(0, 0, causal=True, window=window_size) if causal else None
+        return local_attention(q, k, v, scale=scale, mask=mask, kv_keep=key_padding_mask)
+    transport = get_transport(spec, q.device)
+    # The mask travels as uint8: not every backend moves bool tensors.
+    keep = None if key_padding_mask is None else key_padding_mask.to(torch.uint8)
+    algorithm = ring_attention if comm_type == "p2p" else all_gather_attention
+    return algorithm(q, k, v, keep, transport=transport, seq_len=seq_len,
+                     load_balance=load_balance, causal=causal, window=window_size, scale=scale)

@@ -1,0 +1,219 @@
+"""neuronx_distributed_config: validation messages, the returned dict, and parallel state on
+real gloo ranks (TP2 x CP2)."""
+import dataclasses
+
+import pytest
+import torch
+
+from harness import run_ranks
+from nxd_cp import parallel_state as ps
+from nxd_cp.config import (NXD_CONFIG_KEYS, ContextParallelConfig, NeuronxDistributedConfig,
+                           get_context_parallel_config, neuronx_distributed_config)
+
+# NxD's neuronx_distributed_config returns exactly these keys (trainer/trainer.py).
+NXD_KEYS = {"tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size",
+            "context_parallel_size", "pipeline_config", "optimizer_config",
+            "activation_checkpoint_config", "pad_model", "sequence_parallel",
+            "model_init_config", "lora_config", "mixed_precision_config", "lnc_size"}
+
+
+@pytest.fixture(autouse=True)
+def _fallback(monkeypatch):
+    """Test the torch.distributed fallback even where a real NxD is importable."""
+    monkeypatch.setenv("NXD_CP_DISABLE_NXD", "1")
+
+
+def test_defaults_give_nxd_dict_plus_cp():
+    cfg = neuronx_distributed_config()
+    assert set(cfg) == NXD_KEYS | {"context_parallel_config"}
+    assert tuple(cfg)[:len(NXD_CONFIG_KEYS)] == NXD_CONFIG_KEYS
+    assert cfg["context_parallel_size"] == 1 and cfg["lnc_size"] == 1
+    assert cfg["context_parallel_config"] == {"comm_type": "p2p", "load_balance": "zigzag"}
+    # NxD's defaults for the dict configs.
+    assert cfg["optimizer_config"] == {"zero_one_enabled": False, "grad_clipping": True,
+                                       "max_grad_norm": 1.0}
+    assert cfg["mixed_precision_config"] == {"use_master_weights": False,
+                                             "use_fp32_grad_acc": False,
+                                             "use_master_weights_in_ckpt": False}
+    assert cfg["model_init_config"] == {"sequential_move_factor": 11, "meta_device_init": False,
+                                        "param_init_fn": None}
+    assert not ps.model_parallel_is_initialized()  # no process group: state left alone
+
+
+def test_signature_is_nxds_plus_context_parallel_config():
+    import inspect
+
+    from nxd_cp.config import build_config
+
+    # NxD's trainer.neuronx_distributed_config, in order, with its defaults.
+    nxd = [("tensor_parallel_size", 1), ("pipeline_parallel_size", 1),
+           ("expert_parallel_size", 1), ("context_parallel_size", 1), ("pipeline_config", None),
+           ("optimizer_config", None), ("activation_checkpoint_config", None),
+           ("pad_model", False), ("sequence_parallel", False), ("model_init_config", None),
+           ("lora_config", None), ("mixed_precision_config", None),
+           ("sequential_move_factor", 11), ("lnc_size", 1)]
+    params = inspect.signature(neuronx_distributed_config).parameters
+    assert [(n, p.default) for n, p in params.items()] == nxd + [("context_parallel_config",
+                                                                  None)]
+    assert inspect.signature(build_config).parameters == params
+
+
+def test_good_config_round_trip():
+    user_optim = {"max_grad_norm": 0.5}
+    cfg = neuronx_distributed_config(
+        tensor_parallel_size=2, context_parallel_size=4, sequential_move_factor=3,
+        optimizer_config=user_optim, activation_checkpoint_config=[torch.nn.Linear],
+        context_parallel_config={"comm_type": "all_gather", "load_balance": "contiguous"})
+    assert cfg["tensor_parallel_size"] == 2 and cfg["context_parallel_size"] == 4
+    assert cfg["optimizer_config"]["max_grad_norm"] == 0.5
+    assert cfg["optimizer_config"]["grad_clipping"] is True
+    assert cfg["model_init_config"]["sequential_move_factor"] == 3
+    assert cfg["activation_checkpoint_config"] == [torch.nn.Linear]
+    init_fn = torch.nn.Linear(1, 1)  # a callable object must be passed on, not copied
+    cfg2 = neuronx_distributed_config(model_init_config={"param_init_fn": init_fn})
+    assert cfg2["model_init_config"]["param_init_fn"] is init_fn
+    assert user_optim == {"max_grad_norm": 0.5}  # the caller's dict is not updated
+    cp = get_context_parallel_config(cfg)
+    assert cp == ContextParallelConfig(comm_type="all_gather", load_balance="contiguous")
+    assert get_context_parallel_config({}) == ContextParallelConfig()  # NxD's own dict
+
+
+def test_every_field_has_a_docstring():
+    import ast
+    import inspect
+
+    import nxd_cp.config as mod
+
+    tree = ast.parse(inspect.getsource(mod))
+    for cls in (ContextParallelConfig, NeuronxDistributedConfig):
+        node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+        documented = set()
+        for a, b in zip(node.body, node.body[1:]):
+            if (isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                documented.add(a.target.id)
+        assert documented == {f.name for f in dataclasses.fields(cls)}, cls.__name__
+
+
+BAD = [
+    (dict(tensor_parallel_size=0), ValueError, r"tensor_parallel_size=0 .*integer >= 1"),
+    (dict(context_parallel_size=2.0), ValueError, r"context_parallel_size=2\.0 .*integer >= 1"),
+    (dict(context_parallel_size=True), ValueError, r"context_parallel_size=True .*integer"),
+    (dict(lnc_size=-1), ValueError, r"lnc_size=-1 .*integer >= 1"),
+    (dict(sequential_move_factor=0), ValueError, r"sequential_move_factor=0 .*integer >= 1"),
+    (dict(context_parallel_config={"comm_type": "ring"}), ValueError,
+     r"context_parallel_config\['comm_type'\]='ring' .*\['p2p', 'all_gather'\]"),
+    (dict(context_parallel_config={"load_balance": "random"}), ValueError,
+     r"context_parallel_config\['load_balance'\]='random' .*\['zigzag', 'contiguous'\]"),
+    (dict(context_parallel_config={"comm_typ": "p2p"}), ValueError,
+     r"context_parallel_config has unknown key\(s\) \['comm_typ'\].*comm_type"),
+    (dict(context_parallel_config=["p2p"]), ValueError,
+     r"context_parallel_config=\['p2p'\] .*dict or None"),
+    (dict(optimizer_config={"zero1": True}), ValueError,
+     r"optimizer_config has unknown key\(s\) \['zero1'\]"),
+    (dict(optimizer_config={"max_grad_norm": 0}), ValueError,
+     r"optimizer_config\['max_grad_norm'\]=0 .*> 0"),
+    (dict(mixed_precision_config={"use_bf16": True}), ValueError,
+     r"mixed_precision_config has unknown key\(s\) \['use_bf16'\]"),
+    (dict(mixed_precision_config={"use_master_weights": True}), ValueError,
+     r"mixed_precision_config\['use_master_weights'\]=True .*zero_one_enabled'\]=False"),
+    (dict(model_init_config={"device": "meta"}), ValueError,
+     r"model_init_config has unknown key\(s\) \['device'\]"),
+    (dict(model_init_config={"meta_device_init": True}), ValueError,
+     r"model_init_config\['meta_device_init'\]=True needs .*param_init_fn"),
+    (dict(pad_model="yes"), ValueError, r"pad_model='yes' .*True or False"),
+    (dict(activation_checkpoint_config="some"), ValueError,
+     r"activation_checkpoint_config='some' .*'full'"),
+    (dict(pipeline_config=[1]), ValueError, r"pipeline_config=\[1\] .*dict or None"),
+    (dict(pipeline_parallel_size=2), ValueError,
+     r"pipeline_config=None .*pipeline_parallel_size=2"),
+    # Features that need NxD's wrappers: NotImplementedError on the fallback.
+    (dict(pipeline_parallel_size=2, pipeline_config={}), NotImplementedError,
+     r"pipeline_parallel_size=2 needs NeuronX Distributed.*must be 1"),
+    (dict(expert_parallel_size=2), NotImplementedError,
+     r"expert_parallel_size=2 is not supported"),
+    (dict(lnc_size=2), NotImplementedError, r"lnc_size=2 is not supported"),
+    (dict(sequence_parallel=True), NotImplementedError,
+     r"sequence_parallel=True needs NeuronX Distributed.*must be False"),
+    (dict(pad_model=True), NotImplementedError, r"pad_model=True needs NeuronX Distributed"),
+    (dict(lora_config=object()), NotImplementedError, r"lora_config=.* needs NeuronX"),
+    (dict(optimizer_config={"zero_one_enabled": True}), NotImplementedError,
+     r"optimizer_config\['zero_one_enabled'\]=True needs NeuronX Distributed"),
+    (dict(model_init_config={"meta_device_init": True, "param_init_fn": print}),
+     NotImplementedError, r"model_init_config\['meta_device_init'\]=True needs NeuronX"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", BAD, ids=[str(sorted(b[0])) + str(i)
+                                                       for i, b in enumerate(BAD)])
+def test_bad_config_raises_with_key_value_and_rule(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        neuronx_distributed_config(**kwargs)
+
+
+def test_zero1_config_is_valid_where_nxd_would_run_it():
+    """ZeRO-1 and its mixed-precision defaults are valid; only the fallback refuses them."""
+    from nxd_cp.config import _check_supported, build_config
+
+    cfg = build_config(optimizer_config={"zero_one_enabled": True})
+    assert cfg.mixed_precision_config.use_master_weights  # NxD's default follows ZeRO-1
+    _check_supported(cfg, with_nxd=True)
+    with pytest.raises(NotImplementedError, match="zero_one_enabled"):
+        _check_supported(cfg, with_nxd=False)
+
+
+def _outcome(fn, **kwargs):
+    """("ok", result) or (exception type name, message): compared in the parent process."""
+    try:
+        return "ok", fn(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the parent asserts on the type and message
+        return type(e).__name__, str(e)
+
+
+def _config_on_ranks(rank, world):
+    """TP2 x CP2 on 4 ranks: groups, idempotent second call, conflicting call, bad world."""
+    out = {"bad_world": _outcome(neuronx_distributed_config, tensor_parallel_size=3)}
+    out["bad_world_left_state_alone"] = not ps.model_parallel_is_initialized()
+    status, cfg = _outcome(neuronx_distributed_config, tensor_parallel_size=2,
+                           context_parallel_size=2,
+                           context_parallel_config={"comm_type": "all_gather"})
+    out["first"] = status
+    out["cfg"] = {k: cfg[k] for k in ("tensor_parallel_size", "context_parallel_size",
+                                      "context_parallel_config")} if status == "ok" else cfg
+    out["cp_groups"] = ps.get_context_model_parallel_group(as_list=True)
+    out["tp_groups"] = ps.get_tensor_model_parallel_group(as_list=True)
+    out["sizes"] = (ps.get_tensor_model_parallel_size(), ps.get_context_model_parallel_size(),
+                    ps.get_data_parallel_size())
+    out["cp_rank"] = ps.get_context_model_parallel_rank()
+    group = ps.get_context_model_parallel_group()
+    out["again"] = _outcome(neuronx_distributed_config, tensor_parallel_size=2,
+                            context_parallel_size=2)[0]
+    out["same_group_after_again"] = ps.get_context_model_parallel_group() is group
+    out["conflict"] = _outcome(neuronx_distributed_config, tensor_parallel_size=4,
+                               context_parallel_size=1)
+    out["cp_size_after_conflict"] = ps.get_context_model_parallel_size()
+    return out
+
+
+def test_config_initialises_parallel_state_on_four_ranks():
+    results = run_ranks(_config_on_ranks, 4)
+    for rank, got in enumerate(results):
+        status, msg = got["bad_world"]
+        assert status == "ValueError" and "world size 4 is not divisible" in msg, msg
+        assert "tensor_parallel_size(3)" in msg and "= 3" in msg
+        assert got["bad_world_left_state_alone"]
+        assert got["first"] == "ok", got["cfg"]
+        assert got["cfg"] == {"tensor_parallel_size": 2, "context_parallel_size": 2,
+                              "context_parallel_config": {"comm_type": "all_gather",
+                                                          "load_balance": "zigzag"}}
+        assert got["cp_groups"] == [[0, 2], [1, 3]]
+        assert got["tp_groups"] == [[0, 1], [2, 3]]
+        assert got["sizes"] == (2, 2, 1)
+        assert got["cp_rank"] == rank // 2
+        assert got["again"] == "ok" and got["same_group_after_again"]
+        status, msg = got["conflict"]
+        assert status == "RuntimeError", msg
+        assert "already initialized with tensor_parallel_size=2, context_parallel_size=2" in msg
+        assert "asks for tensor_parallel_size=4, context_parallel_size=1" in msg
+        assert "destroy_model_parallel" in msg
+        assert got["cp_size_after_conflict"] == 2
