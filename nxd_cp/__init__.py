@@ -1,14 +1,44 @@
 """nxd_cp: context parallelism for NeuronX Distributed, with a torch.distributed fallback.
 
-Public API (everything else is internal)::
+The public API is what this module exports (see docs/api.md)::
 
-    from nxd_cp import parallel_state
-    from nxd_cp.sharding import shard_sequence, unshard_sequence, sequence_positions
-    from nxd_cp.comm import count_bytes
+    import nxd_cp
+    from nxd_cp import parallel_state as ps
+    nxd_cp.neuronx_distributed_config(tensor_parallel_size=2, context_parallel_size=2)
+    model = nxd_cp.transform(hf_model, cp_comm_type="p2p")          # needs transformers
+    batch = nxd_cp.get_batch_on_this_context_parallel_rank(full_batch)
+    model(**batch).loss.backward()
+    nxd_cp.allreduce_context_parallel_gradients(model)
+
+``transform``, ``full_state_dict`` and ``models`` import transformers on first use, so the
+rest works without it.
 """
+import importlib
+
 from nxd_cp import parallel_state
+from nxd_cp.attention import context_parallel_attention
 from nxd_cp.comm import count_bytes
+from nxd_cp.config import ContextParallelConfig, neuronx_distributed_config
+from nxd_cp.data import get_batch_on_this_context_parallel_rank
+from nxd_cp.grads import (allreduce_context_parallel_gradients,
+                          allreduce_data_context_parallel_gradients)
+from nxd_cp.loss import context_parallel_cross_entropy
 from nxd_cp.sharding import sequence_positions, shard_sequence, unshard_sequence
 
-__all__ = ["parallel_state", "count_bytes", "sequence_positions", "shard_sequence",
-           "unshard_sequence"]
+_LAZY = {"transform": "nxd_cp.models", "full_state_dict": "nxd_cp.models",
+         "models": "nxd_cp.models"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        return module if name == "models" else getattr(module, name)
+    raise AttributeError(f"module 'nxd_cp' has no attribute {name!r}")
+
+
+__all__ = ["parallel_state", "context_parallel_attention", "count_bytes",
+           "ContextParallelConfig", "neuronx_distributed_config",
+           "get_batch_on_this_context_parallel_rank", "allreduce_context_parallel_gradients",
+           "allreduce_data_context_parallel_gradients", "context_parallel_cross_entropy",
+           "sequence_positions", "shard_sequence", "unshard_sequence", "transform",
+           "full_state_dict", "models"]

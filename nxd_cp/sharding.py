@@ -37,7 +37,7 @@ def check_sequence_length(seq_len: int, cp_size: int, load_balance: str) -> None
                          f"({load_balance})")
 
 
-def rank_chunks(cp_rank: int, cp_size: int, load_balance: str) -> List[int]:
+def rank_chunks(cp_rank: int, cp_size: int, load_balance: str = "zigzag") -> List[int]:
     """Indices of the global chunks CP rank ``cp_rank`` holds, in shard order."""
     if not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank={cp_rank} is outside [0, cp_size={cp_size})")
@@ -48,7 +48,7 @@ def rank_chunks(cp_rank: int, cp_size: int, load_balance: str) -> List[int]:
 
 
 def chunk_ranges(seq_len: int, cp_rank: int, cp_size: int,
-                 load_balance: str) -> List[Tuple[int, int]]:
+                 load_balance: str = "zigzag") -> List[Tuple[int, int]]:
     """Global ``[start, end)`` of each chunk of the rank's shard, in shard order."""
     check_sequence_length(seq_len, cp_size, load_balance)
     c = seq_len // num_chunks(cp_size, load_balance)

@@ -51,22 +51,22 @@ class BlockMask:
             raise ValueError(f"window={self.window} must be >= 1")
 
 
-class _Vis(enum.Enum):
+class Visibility(enum.Enum):
     EMPTY = 0
     FULL = 1
     PARTIAL = 2
 
 
-def _visibility(mask: Optional[BlockMask], q0: int, q1: int, k0: int, k1: int) -> _Vis:
+def visibility(mask: Optional[BlockMask], q0: int, q1: int, k0: int, k1: int) -> Visibility:
     """Static class of the query positions ``[q0, q1)`` against the key positions ``[k0, k1)``."""
     if mask is None or not mask.causal:
-        return _Vis.FULL
+        return Visibility.FULL
     min_gap, max_gap = q0 - (k1 - 1), (q1 - 1) - k0  # extremes of qp - kp over the tile
     if max_gap < 0 or (mask.window is not None and min_gap >= mask.window):
-        return _Vis.EMPTY
+        return Visibility.EMPTY
     if min_gap >= 0 and (mask.window is None or max_gap < mask.window):
-        return _Vis.FULL
-    return _Vis.PARTIAL
+        return Visibility.FULL
+    return Visibility.PARTIAL
 
 
 def _position_mask(mask: BlockMask, q0: int, q1: int, k0: int, k1: int,
@@ -147,13 +147,13 @@ class TorchBlockKernel:
             ktiles = []
             for k0 in range(0, sk, self.tile_k):
                 k1 = min(k0 + self.tile_k, sk)
-                vis = _visibility(mask, qs + q0, qs + q1, ks + k0, ks + k1)
-                if vis is not _Vis.EMPTY:
+                vis = visibility(mask, qs + q0, qs + q1, ks + k0, ks + k1)
+                if vis is not Visibility.EMPTY:
                     ktiles.append((k0, k1, vis))
             yield q0, q1, ktiles
 
     @staticmethod
-    def _scores(qt: Tensor, kt: Tensor, scale: float, groups: int, vis: _Vis,
+    def _scores(qt: Tensor, kt: Tensor, scale: float, groups: int, vis: Visibility,
                 mask: Optional[BlockMask], kv_keep: Optional[Tensor],
                 q0: int, q1: int, k0: int, k1: int) -> Tensor:
         """Scaled scores fp32 ``[B, Hkv, G*tq, tk]`` with invisible entries at ``-inf``.
@@ -162,11 +162,11 @@ class TorchBlockKernel:
         ``[B, Hkv, tk, D]``; ``q0..k1`` are block-local tile bounds.
         """
         s = torch.matmul(qt, kt.transpose(-1, -2)) * scale
-        if vis is _Vis.FULL and kv_keep is None:
+        if vis is Visibility.FULL and kv_keep is None:
             return s
         s = s.unflatten(2, (groups, q1 - q0))  # [B, Hkv, G, tq, tk]
         visible = None
-        if vis is _Vis.PARTIAL:
+        if vis is Visibility.PARTIAL:
             visible = _position_mask(mask, mask.q_start + q0, mask.q_start + q1,
                                      mask.k_start + k0, mask.k_start + k1, s.device)
         if kv_keep is not None:
@@ -262,11 +262,11 @@ def _fused_is_causal(q: Tensor, k: Tensor, mask: Optional[BlockMask]) -> Optiona
     sq, sk = q.shape[2], k.shape[2]
     if mask is None:
         return False
-    vis = _visibility(mask, mask.q_start, mask.q_start + sq, mask.k_start, mask.k_start + sk)
-    if vis is _Vis.FULL:
+    vis = visibility(mask, mask.q_start, mask.q_start + sq, mask.k_start, mask.k_start + sk)
+    if vis is Visibility.FULL:
         return False
     diagonal = mask.q_start == mask.k_start and sq == sk
-    if vis is _Vis.PARTIAL and diagonal and (mask.window is None or mask.window >= sq):
+    if vis is Visibility.PARTIAL and diagonal and (mask.window is None or mask.window >= sq):
         return True
     return None
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from nxd_cp.attention.kernels import BlockMask
+from nxd_cp.attention.kernels import BlockMask, Visibility, visibility
 
-EMPTY, FULL, PARTIAL = "empty", "full", "partial"
+EMPTY, FULL, PARTIAL = Visibility.EMPTY, Visibility.FULL, Visibility.PARTIAL
 
 
 @dataclass(frozen=True)
@@ -62,16 +62,12 @@ def visible_pairs(q: Chunk, k: Chunk, causal: bool, window: Optional[int]) -> in
     return total
 
 
-def classify(q: Chunk, k: Chunk, causal: bool, window: Optional[int]) -> str:
-    """EMPTY, FULL or PARTIAL for every query of ``q`` against every key of ``k``."""
-    q_first, q_last = q.global_start, q.global_start + q.length - 1
-    k_first, k_last = k.global_start, k.global_start + k.length - 1
-    if causal and k_first > q_last:
-        return EMPTY
-    if window is not None and q_first - k_last >= window:
-        return EMPTY
-    full = (not causal or k_last <= q_first) and (window is None or q_last - k_first < window)
-    return FULL if full else PARTIAL
+def classify(q: Chunk, k: Chunk, causal: bool, window: Optional[int]) -> Visibility:
+    """EMPTY, FULL or PARTIAL for every query of ``q`` against every key of ``k`` (the same
+    static rule the kernel applies to its tiles)."""
+    mask = BlockMask(0, 0, causal=True, window=window) if causal else None
+    return visibility(mask, q.global_start, q.global_start + q.length,
+                      k.global_start, k.global_start + k.length)
 
 
 def plan_block(q_chunks: Sequence[Chunk], k_chunks: Sequence[Chunk], causal: bool,

@@ -1,0 +1,83 @@
+"""This CP rank's part of a batch: labels shifted on the full sequence, then sharded.
+
+Every rank of a CP group receives the same full-sequence batch (the sampler uses the DP rank and
+size) and keeps its tokens in the model's load-balance layout (``nxd_cp.sharding``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from nxd_cp import parallel_state as ps
+from nxd_cp.sharding import check_sequence_length, shard_sequence
+
+SEQ_DIM = 1
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``[B, S]`` -> ``[B, S]`` with ``out[:, i] = labels[:, i + 1]`` and the last one ignored.
+
+    Token i then carries the target it predicts, so the loss needs no neighbour after sharding.
+    """
+    pad = torch.full_like(labels[:, :1], ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=SEQ_DIM)
+
+
+def _sequence_length(batch: Mapping[str, Any]) -> int:
+    for key in ("input_ids", "inputs_embeds", "labels"):
+        v = batch.get(key)
+        if isinstance(v, torch.Tensor):
+            return v.shape[SEQ_DIM]
+    raise ValueError("batch has none of input_ids, inputs_embeds, labels: cannot tell the "
+                     "sequence length")
+
+
+def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
+                                            load_balance: str = "zigzag",
+                                            ignore_index: int = -100,
+                                            cp_rank: Optional[int] = None,
+                                            cp_size: Optional[int] = None) -> Dict[str, Any]:
+    """This CP rank's shard of a full-sequence batch.
+
+    batch: a mapping of ``[B, S, ...]`` tensors (``input_ids``, ``labels``, ``attention_mask``
+        (2-D, 1 = real token), ``position_ids``, ``inputs_embeds``, ...).
+
+    1. ``labels`` are shifted on the full sequence (``shift_labels``): the returned labels are
+       the targets of the returned tokens, ready for ``context_parallel_cross_entropy`` and for
+       a model from ``nxd_cp.transform``, which does not shift again.
+    2. ``position_ids`` are added as the global positions ``arange(S)`` ``[B, S]`` if absent.
+    3. Every tensor whose dim 1 has the sequence length S is sharded to ``[B, S/cp, ...]`` with
+       ``load_balance`` (the model's: ``transform(..., load_balance=)``); other entries are
+       returned unchanged.
+
+    Unlike NxD's function of the same name, labels are shifted at cp == 1 too (the transformed
+    model never shifts), and the layout is zigzag by default (NxD: contiguous).
+    Raises ``ValueError`` when S is not divisible by 2*cp (zigzag) or cp (contiguous), or for a
+    4-D attention mask.
+    """
+    if cp_size is None:
+        cp_size = ps.get_context_model_parallel_size()
+    if cp_rank is None:
+        cp_rank = ps.get_context_model_parallel_rank()
+    seq_len = _sequence_length(batch)
+    check_sequence_length(seq_len, cp_size, load_balance)
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+        raise ValueError(f"attention_mask must be 2-D [batch, seq] (1 = real token) under "
+                         f"context parallelism, got shape {tuple(mask.shape)}")
+
+    full = dict(batch)
+    if isinstance(full.get("labels"), torch.Tensor):
+        full["labels"] = shift_labels(full["labels"], ignore_index)
+    if full.get("position_ids") is None:
+        ref = next(v for k, v in full.items() if isinstance(v, torch.Tensor)
+                   and v.dim() >= 2 and v.shape[SEQ_DIM] == seq_len)
+        full["position_ids"] = torch.arange(seq_len, device=ref.device).expand(ref.shape[0], -1)
+
+    out = {}
+    for key, value in full.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[SEQ_DIM] == seq_len:
+            value = shard_sequence(value, SEQ_DIM, cp_rank, cp_size, load_balance).contiguous()
+        out[key] = value
+    return out

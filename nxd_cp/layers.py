@@ -1,0 +1,378 @@
+"""Tensor-parallel layers: NxD's when NxD runs the groups, else a fallback with NxD's signatures.
+
+``ColumnParallelLinear``, ``RowParallelLinear``, ``ParallelEmbedding`` and
+``parallel_cross_entropy`` are NeuronX Distributed's own classes when ``parallel_state`` uses
+NxD (a real ``neuronx_distributed`` with context parallelism is importable). Otherwise they are
+the fallbacks below, built on ``nxd_cp.comm.autograd`` so they run on gloo, NCCL and XLA. The
+fallbacks take NxD's constructor arguments for the subset nxd_cp uses and lay parameters out as
+NxD does:
+
+| layer                 | weight shard       | bias                                         |
+|-----------------------|--------------------|----------------------------------------------|
+| ColumnParallelLinear  | ``[out/tp, in]``   | ``[out/tp]``, or ``[out]`` with gather_output |
+| RowParallelLinear     | ``[out, in/tp]``   | ``[out]``                                    |
+| ParallelEmbedding     | ``[V/tp, H]``      | - (``[V, H/tp]`` weight if shard_across_embedding) |
+
+Full-size biases are added after the gather / all-reduce.
+
+Sharded parameters carry NxD's attributes ``tensor_model_parallel=True``, ``partition_dim``,
+``partition_stride=1`` and ``num_partitions`` (``nxd_cp.models.common.partition_of`` reads the
+layout from the layer type first, as these attributes do not survive ``.to("xla")``). Rank ``r`` of the TP group holds the contiguous chunk ``r`` of the
+partition dim (stride 1). Sequence parallelism inside TP is not in the fallback.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nxd_cp import parallel_state as ps
+from nxd_cp.comm import get_transport
+from nxd_cp.comm import autograd as cg
+
+
+def _nxd_layers():
+    """(layers module, parallel_cross_entropy) of NxD when parallel_state delegates to NxD."""
+    if ps._nxd_parallel_state() is None:
+        return None
+    try:
+        from neuronx_distributed.parallel_layers import layers
+        from neuronx_distributed.parallel_layers.loss_functions import parallel_cross_entropy
+    except Exception:  # noqa: BLE001 - placeholder packages raise arbitrary errors
+        return None
+    return layers, parallel_cross_entropy
+
+
+def _no_sequence_parallel(enabled: bool, layer: str) -> None:
+    if enabled:
+        raise NotImplementedError(
+            f"{layer}(sequence_parallel_enabled=True) needs NeuronX Distributed: the "
+            "torch.distributed fallback of nxd_cp has no sequence parallelism inside TP "
+            "(context parallelism already splits the sequence over the CP group)")
+
+
+def _mark_parallel(p: nn.Parameter, dim: int, tp: int) -> None:
+    p.tensor_model_parallel = True
+    p.partition_dim = dim
+    p.partition_stride = 1
+    p.num_partitions = tp
+
+
+def _divide(n: int, tp: int, what: str) -> int:
+    if n % tp:
+        raise ValueError(f"{what}={n} is not divisible by tensor_model_parallel_size={tp}")
+    return n // tp
+
+
+def _default_linear_init(w: torch.Tensor) -> None:
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Linear's default
+
+
+def _init_shard(param: nn.Parameter, full_shape, dim: int, rank: int, tp: int,
+                init_method: Callable) -> None:
+    """Initialise the full (master) weight with ``init_method`` and keep chunk ``rank`` of it, so
+    the model does not depend on tp (NxD's CPU initialisation does the same)."""
+    if param.device.type == "meta":
+        return
+    master = torch.empty(full_shape, dtype=param.dtype)
+    init_method(master)
+    with torch.no_grad():
+        param.copy_(master.chunk(tp, dim=dim)[rank])
+
+
+class _TPLayer(nn.Module):
+    def __init__(self, group):
+        super().__init__()
+        self._tp = ps.resolve_group(group, kind="tensor")
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self._tp.size
+
+    def _transport(self, x: torch.Tensor):
+        return get_transport(self._tp, x.device)
+
+
+class FallbackColumnParallelLinear(_TPLayer):
+    """``y = x W^T + b`` with W split by output features over TP.
+
+    x ``[..., in]`` (replicated over TP; its gradient is all-reduced) ->
+    ``[..., out/tp]``, or ``[..., out]`` with ``gather_output=True``.
+    """
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True,
+                 gather_output: bool = True, dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None, stride: int = 1,
+                 init_method: Optional[Callable] = None, sequence_parallel_enabled: bool = False,
+                 sequence_dimension: Optional[int] = None, keep_master_weight: bool = False,
+                 skip_bias_add: bool = False, pad: bool = False,
+                 tensor_model_parallel_group=None, **unsupported):
+        super().__init__(tensor_model_parallel_group)
+        _no_sequence_parallel(sequence_parallel_enabled, "ColumnParallelLinear")
+        if stride != 1 or pad or unsupported:
+            raise NotImplementedError(
+                f"ColumnParallelLinear fallback supports stride=1, pad=False and no other "
+                f"options; got stride={stride}, pad={pad}, {sorted(unsupported)}")
+        tp, rank = self._tp.size, self._tp.rank
+        self.input_size, self.output_size = input_size, output_size
+        self.output_size_per_partition = _divide(output_size, tp, "output_size")
+        self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size,
+                                               dtype=dtype, device=device))
+        _mark_parallel(self.weight, 0, tp)
+        _init_shard(self.weight, (output_size, input_size), 0, rank, tp,
+                    init_method or _default_linear_init)
+        if bias:
+            n = output_size if gather_output else self.output_size_per_partition
+            self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
+            if not gather_output:
+                _mark_parallel(self.bias, 0, tp)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor):
+        t = self._transport(x)
+        local_bias = None if (self.gather_output or self.skip_bias_add) else self.bias
+        y = F.linear(cg.copy_to_group(x, t), self.weight, local_bias)
+        if self.gather_output:
+            y = cg.gather_from_group(y, -1, t)
+            if self.bias is not None and not self.skip_bias_add:
+                y = y + self.bias
+        return (y, self.bias) if self.skip_bias_add else y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size}, out={self.output_size} (local "
+                f"{self.output_size_per_partition}), gather_output={self.gather_output}")
+
+
+class FallbackRowParallelLinear(_TPLayer):
+    """``y = x W^T + b`` with W split by input features over TP.
+
+    x ``[..., in/tp]`` with ``input_is_parallel=True`` (else ``[..., in]``, scattered here) ->
+    ``[..., out]``, all-reduced over TP (``reduce_output=False`` leaves the partial sums).
+    """
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True,
+                 input_is_parallel: bool = False, dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None, stride: int = 1,
+                 init_method: Optional[Callable] = None, sequence_parallel_enabled: bool = False,
+                 sequence_dimension: Optional[int] = None, keep_master_weight: bool = False,
+                 skip_bias_add: bool = False, pad: bool = False, reduce_output: bool = True,
+                 tensor_model_parallel_group=None, **unsupported):
+        super().__init__(tensor_model_parallel_group)
+        _no_sequence_parallel(sequence_parallel_enabled, "RowParallelLinear")
+        if stride != 1 or pad or unsupported:
+            raise NotImplementedError(
+                f"RowParallelLinear fallback supports stride=1, pad=False and no other "
+                f"options; got stride={stride}, pad={pad}, {sorted(unsupported)}")
+        tp, rank = self._tp.size, self._tp.rank
+        self.input_size, self.output_size = input_size, output_size
+        self.input_size_per_partition = _divide(input_size, tp, "input_size")
+        self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
+        self.reduce_output = reduce_output
+        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition,
+                                               dtype=dtype, device=device))
+        _mark_parallel(self.weight, 1, tp)
+        _init_shard(self.weight, (output_size, input_size), 1, rank, tp,
+                    init_method or _default_linear_init)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor):
+        t = self._transport(x)
+        if not self.input_is_parallel:
+            x = cg.scatter_to_group(x, -1, t)
+        y = F.linear(x, self.weight)
+        if self.reduce_output:
+            y = cg.reduce_from_group(y, t)
+        if self.skip_bias_add:
+            return y, self.bias
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size} (local {self.input_size_per_partition}), "
+                f"out={self.output_size}, input_is_parallel={self.input_is_parallel}")
+
+
+class FallbackParallelEmbedding(_TPLayer):
+    """Embedding split over TP by vocabulary (default) or by embedding dim.
+
+    ids ``[...]`` (int, replicated over TP) -> ``[..., H]``. Vocab-parallel: rank r holds rows
+    ``[r*V/tp, (r+1)*V/tp)``, looks up the ids in its range, zeroes the others and all-reduces.
+    ``padding_idx`` keeps nn.Embedding's meaning (that row gets no gradient).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 padding_idx: Optional[int] = None, max_norm: Optional[float] = None,
+                 norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False,
+                 init_method: Callable = nn.init.normal_, device: Optional[torch.device] = None,
+                 dtype: torch.dtype = torch.float32, shard_across_embedding: bool = False,
+                 pad: bool = False, sequence_parallel_enabled: bool = False,
+                 tensor_model_parallel_group=None, sequence_dimension: Optional[int] = None,
+                 **unsupported):
+        super().__init__(tensor_model_parallel_group)
+        _no_sequence_parallel(sequence_parallel_enabled, "ParallelEmbedding")
+        if max_norm is not None or scale_grad_by_freq or sparse or pad or unsupported:
+            raise NotImplementedError(
+                "ParallelEmbedding fallback supports no max_norm, scale_grad_by_freq, sparse, "
+                f"pad or {sorted(unsupported)}")
+        tp, rank = self._tp.size, self._tp.rank
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.shard_across_embedding = shard_across_embedding
+        self.padding_idx = padding_idx
+        if shard_across_embedding:
+            shape, dim = (num_embeddings, _divide(embedding_dim, tp, "embedding_dim")), 1
+            self.start_index, self.end_index = 0, num_embeddings
+        else:
+            per = _divide(num_embeddings, tp, "num_embeddings")
+            shape, dim = (per, embedding_dim), 0
+            self.start_index, self.end_index = rank * per, (rank + 1) * per
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+        _mark_parallel(self.weight, dim, tp)
+
+        def init(w):
+            init_method(w)
+            if padding_idx is not None:
+                with torch.no_grad():
+                    w[padding_idx].zero_()
+        _init_shard(self.weight, (num_embeddings, embedding_dim), dim, rank, tp, init)
+
+    def _local_padding_idx(self) -> Optional[int]:
+        p = self.padding_idx
+        if p is None or not self.start_index <= p < self.end_index:
+            return None
+        return p - self.start_index
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self._transport(self.weight)
+        if self.shard_across_embedding:
+            out = F.embedding(ids, self.weight, self._local_padding_idx())
+            return cg.gather_from_group(out, -1, t)
+        if t.size == 1:
+            return F.embedding(ids, self.weight, self._local_padding_idx())
+        outside = (ids < self.start_index) | (ids >= self.end_index)
+        local = torch.where(outside, torch.zeros_like(ids), ids - self.start_index)
+        out = F.embedding(local, self.weight, self._local_padding_idx())
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return cg.reduce_from_group(out, t)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.start_index}, "
+                f"{self.end_index}), shard_across_embedding={self.shard_across_embedding}")
+
+
+def fallback_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor,
+                                    target: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy of logits split by vocabulary over TP.
+
+    vocab_parallel_logits ``[..., V/tp]`` (rank r holds columns ``[r*V/tp, (r+1)*V/tp)``),
+    target ``[...]`` in ``[0, V)`` -> loss ``[...]`` (fp32), identical on every TP rank. The
+    gradient is the local slice of ``softmax - onehot``: the sums are reduced with
+    ``reduce_from_group`` whose backward is the identity, right because every TP rank computes
+    the same loss from them.
+    """
+    spec = ps.get_group_spec("tensor")
+    t = get_transport(spec, vocab_parallel_logits.device)
+    logits = vocab_parallel_logits.float()
+    per = logits.shape[-1]
+    # The max only stabilises the exponent; gathering [.., tp] maxima avoids a max all-reduce.
+    with torch.no_grad():
+        local_max = logits.max(dim=-1, keepdim=True).values
+        m = cg.gather_from_group(local_max, -1, t).max(dim=-1, keepdim=True).values
+    shifted = logits - m
+    sum_exp = cg.reduce_from_group(shifted.exp().sum(dim=-1), t)
+    start = spec.rank * per
+    inside = (target >= start) & (target < start + per)
+    local_t = torch.where(inside, target - start, torch.zeros_like(target))
+    picked = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)
+    picked = cg.reduce_from_group(picked * inside, t)
+    return sum_exp.log() - picked
+
+
+class _SumOverReplicas(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the TP ranks that hold the same slot.
+
+    Each rank writes its gradient into slot ``slot`` of a zero ``[n_slots, ...]`` buffer, the
+    buffer is all-reduced over TP and the rank keeps its slot: the sum over its replicas.
+    """
+
+    @staticmethod
+    def forward(ctx, w, slot, n_slots, transport):
+        ctx.slot, ctx.n_slots, ctx.transport = slot, n_slots, transport
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        buf = g.new_zeros((ctx.n_slots,) + tuple(g.shape))
+        buf[ctx.slot] = g
+        return ctx.transport.all_reduce(buf)[ctx.slot], None, None, None
+
+
+class ReplicatedKVLinear(_TPLayer):
+    """K or V projection when there are fewer KV heads than TP ranks (tp % num_kv_heads == 0).
+
+    TP rank r holds the rows of KV head ``r // (tp / num_kv_heads)`` (the head its local query
+    heads use): weight ``[head_dim, in]``; x ``[..., in]`` -> ``[..., head_dim]``. The
+    ``tp / num_kv_heads`` ranks holding the same head are replicas: their weight gradients are
+    summed in backward, so each holds the full gradient of that head and optimizer steps keep
+    them identical. Parameters carry ``nxd_cp_kv_replicas = tp / num_kv_heads``.
+    """
+
+    def __init__(self, input_size: int, num_kv_heads: int, head_dim: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
+                 init_method: Optional[Callable] = None, tensor_model_parallel_group=None):
+        super().__init__(tensor_model_parallel_group)
+        tp = self._tp.size
+        if tp % num_kv_heads:
+            raise ValueError(f"ReplicatedKVLinear needs tensor_model_parallel_size={tp} to be "
+                             f"a multiple of num_key_value_heads={num_kv_heads}")
+        self.input_size, self.num_kv_heads, self.head_dim = input_size, num_kv_heads, head_dim
+        self.replicas = tp // num_kv_heads
+        self.head = self._tp.rank // self.replicas
+        self.weight = nn.Parameter(torch.empty(head_dim, input_size, dtype=dtype, device=device))
+        self.weight.nxd_cp_kv_replicas = self.replicas
+        _init_shard(self.weight, (num_kv_heads * head_dim, input_size), 0, self.head,
+                    num_kv_heads, init_method or _default_linear_init)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(head_dim, dtype=dtype, device=device))
+            self.bias.nxd_cp_kv_replicas = self.replicas
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self._transport(x)
+        w, b = self.weight, self.bias
+        if t.size > 1:
+            w = _SumOverReplicas.apply(w, self.head, self.num_kv_heads, t)
+            b = None if b is None else _SumOverReplicas.apply(b, self.head, self.num_kv_heads, t)
+        # x is replicated over TP and every rank uses it: its gradient is all-reduced too.
+        return F.linear(cg.copy_to_group(x, t), w, b)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size}, kv head {self.head} of {self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, replicas={self.replicas}")
+
+
+_NXD = _nxd_layers()
+if _NXD is not None:
+    ColumnParallelLinear = _NXD[0].ColumnParallelLinear
+    RowParallelLinear = _NXD[0].RowParallelLinear
+    ParallelEmbedding = _NXD[0].ParallelEmbedding
+    parallel_cross_entropy = _NXD[1]
+else:
+    ColumnParallelLinear = FallbackColumnParallelLinear
+    RowParallelLinear = FallbackRowParallelLinear
+    ParallelEmbedding = FallbackParallelEmbedding
+    parallel_cross_entropy = fallback_parallel_cross_entropy
+
+USING_NXD = _NXD is not None
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding",
+           "parallel_cross_entropy", "USING_NXD", "FallbackColumnParallelLinear",
+           "FallbackRowParallelLinear", "FallbackParallelEmbedding",
+           "fallback_parallel_cross_entropy"]

@@ -1,0 +1,170 @@
+"""Architecture descriptions and the per-parameter shard <-> full mapping shared by all models.
+
+An ``ArchSpec`` names, for one Hugging Face causal-LM family, where its embedding, decoder
+layers, projections and lm_head live; ``nxd_cp.models.transform`` does the rest generically.
+
+Every parameter of a transformed model is in one of three states (``Partition``), read from
+the layer that owns it:
+
+* TP-split on ``dim``: TP rank r holds chunk r of that dim of the full tensor (stride 1);
+* KV-replicated (``kv_replicas = n``): TP rank r holds KV head ``r // n`` (rows
+  ``[h*D, (h+1)*D)`` of the full K or V projection);
+* replicated: the full tensor.
+
+``shard_of`` cuts a rank's part from a full tensor, ``gather_full`` rebuilds the full tensor
+from the TP group's parts (a collective over TP); the two are exact inverses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from nxd_cp import parallel_state as ps
+from nxd_cp.comm import get_transport
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things are in one transformers causal-LM family (paths are attribute paths).
+
+    base: the decoder model inside the ``*ForCausalLM`` (``"model"``, ``"gpt_neox"``).
+    embedding, layers: attributes of ``base``. lm_head: attribute of the causal LM.
+    attention: the attention module inside a decoder layer.
+    column / row: linears inside a decoder layer split by output / input features.
+    kv: K and V projections inside a decoder layer (split when Hkv % tp == 0, replicated when
+        tp % Hkv == 0); empty for a fused QKV projection (in ``column``).
+    sizes: config -> {"num_attention_heads": .., "num_key_value_heads": .., "head_dim": ..,
+        "intermediate_size": .., "vocab_size": ..}.
+    window: config -> sliding window or None.
+    """
+
+    name: str
+    class_names: Tuple[str, ...]
+    base: str
+    embedding: str
+    layers: str
+    lm_head: str
+    attention: str
+    column: Tuple[str, ...]
+    row: Tuple[str, ...]
+    kv: Tuple[str, ...]
+    sizes: Callable[[object], Dict[str, int]]
+    window: Callable[[object], Optional[int]] = field(default=lambda config: None)
+
+
+def get_path(root: nn.Module, path: str):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def set_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_path(root, parent) if parent else root, name, value)
+
+
+def check_sizes(spec: ArchSpec, config, tp: int) -> Dict[str, int]:
+    """``ValueError`` naming the rule when the model does not split over ``tp`` ranks."""
+    s = spec.sizes(config)
+    hq, hkv = s["num_attention_heads"], s["num_key_value_heads"]
+    if hq % tp:
+        raise ValueError(f"num_attention_heads={hq} is not divisible by "
+                         f"tensor_model_parallel_size={tp}")
+    if hq % hkv:
+        raise ValueError(f"num_attention_heads={hq} is not divisible by "
+                         f"num_key_value_heads={hkv}")
+    if hkv % tp and tp % hkv:
+        raise ValueError(f"num_key_value_heads={hkv} must be divisible by "
+                         f"tensor_model_parallel_size={tp} (KV heads split) or divide it (KV "
+                         f"heads replicated)")
+    for name in ("intermediate_size", "vocab_size"):
+        if s[name] % tp:
+            raise ValueError(f"{name}={s[name]} is not divisible by "
+                             f"tensor_model_parallel_size={tp}")
+    return s
+
+
+def _tp_rank_size() -> Tuple[int, int]:
+    spec = ps.get_group_spec("tensor")
+    return spec.rank, spec.size
+
+
+@dataclass(frozen=True)
+class Partition:
+    """How one parameter is laid out over TP: split on ``dim``, one of ``kv_replicas``-fold
+    replicated KV heads, or (both None) replicated."""
+
+    dim: Optional[int] = None
+    kv_replicas: Optional[int] = None
+
+
+def partition_of(module: nn.Module, name: str, param: torch.Tensor) -> Partition:
+    """The layout of ``module``'s own parameter ``name``.
+
+    Read from the layer's type and configuration first, so it survives ``model.to(device)``
+    (moving to XLA makes new Parameter objects, without NxD's attributes), then from NxD's
+    ``tensor_model_parallel`` / ``partition_dim`` attributes for any other TP layer.
+    """
+    from nxd_cp import layers as L
+
+    if isinstance(module, L.ReplicatedKVLinear):
+        return Partition(kv_replicas=module.replicas)
+    if isinstance(module, (L.ColumnParallelLinear, L.FallbackColumnParallelLinear)):
+        if name == "weight" or param.shape[0] != module.output_size:  # bias split unless gathered
+            return Partition(dim=0)
+        return Partition()
+    if isinstance(module, (L.RowParallelLinear, L.FallbackRowParallelLinear)):
+        return Partition(dim=1) if name == "weight" else Partition()
+    if isinstance(module, (L.ParallelEmbedding, L.FallbackParallelEmbedding)):
+        return Partition(dim=1 if module.shard_across_embedding else 0)
+    if getattr(param, "tensor_model_parallel", False):
+        return Partition(dim=param.partition_dim)
+    return Partition()
+
+
+def partitions(model: nn.Module) -> Dict[str, Partition]:
+    """Parameter name (tied weights under every name) -> its ``Partition``."""
+    out = {}
+    for mname, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            out[f"{mname}.{pname}" if mname else pname] = partition_of(m, pname, p)
+    return out
+
+
+def shard_of(part: Partition, full: torch.Tensor) -> torch.Tensor:
+    """This TP rank's part (a view) of the full tensor ``full`` laid out as ``part``."""
+    rank, tp = _tp_rank_size()
+    if part.kv_replicas is not None:
+        return full.chunk(tp // part.kv_replicas, dim=0)[rank // part.kv_replicas]
+    if part.dim is not None:
+        return full.chunk(tp, dim=part.dim)[rank]
+    return full
+
+
+def gather_full(part: Partition, local: torch.Tensor) -> torch.Tensor:
+    """The full tensor from every TP rank's ``local`` (a parameter's value or gradient).
+
+    A collective over the TP group: every TP rank must call it for the same parameters in the
+    same order.
+    """
+    spec = ps.get_group_spec("tensor")
+    t = get_transport(spec, local.device)
+    if part.kv_replicas is not None:
+        parts = t.all_gather(local.detach().contiguous(), 0).chunk(spec.size, dim=0)
+        return torch.cat(parts[::part.kv_replicas], dim=0)
+    if part.dim is not None:
+        return t.all_gather(local.detach().contiguous(), part.dim)
+    return local.detach().clone()
+
+
+def materialize(module: nn.Module, device: torch.device) -> None:
+    """``to_empty`` that keeps the attributes (partition_dim, ...) set on the parameters."""
+    attrs = {name: dict(vars(p))
+             for name, p in module.named_parameters(remove_duplicate=False)}
+    module.to_empty(device=device)
+    for name, p in module.named_parameters(remove_duplicate=False):
+        for k, v in attrs[name].items():
+            setattr(p, k, v)

@@ -1,0 +1,262 @@
+"""``transform``: an unmodified transformers causal LM -> the same model with TP x CP.
+
+What changes (and nothing else does):
+
+* embedding -> vocab-parallel ``ParallelEmbedding``; lm_head -> vocab-parallel
+  ``ColumnParallelLinear`` (gathering full-vocabulary logits ``[B, S_local, V]`` unless
+  ``vocab_parallel_logits=True``); tied embeddings stay tied;
+* per decoder layer, the projections of the ``ArchSpec`` -> column / row parallel linears (K/V
+  replicated per TP rank when there are fewer KV heads than TP ranks);
+* the config selects the ``"nxd_cp"`` attention implementation (``hf_attention``): attention
+  over the CP group with the causal / sliding-window mask of the config;
+* ``model.loss_function`` -> token-weighted CP cross entropy on *already shifted* labels;
+* a forward pre-hook rejects what CP cannot run (KV cache, missing global ``position_ids``,
+  a local sequence that is not a valid shard) and turns ``use_cache`` off.
+
+Weights come from the model itself (full weights on every rank, as ``from_pretrained`` loads
+them) or, for a model built on the meta device, from ``state_dict`` (a full HF state dict).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from nxd_cp import parallel_state as ps
+from nxd_cp.layers import (ColumnParallelLinear, ParallelEmbedding, ReplicatedKVLinear,
+                           RowParallelLinear)
+from nxd_cp.loss import context_parallel_cross_entropy
+from nxd_cp.models import hf_attention
+from nxd_cp.models.common import (ArchSpec, Partition, check_sizes, get_path, materialize,
+                                  partitions, set_path, shard_of)
+from nxd_cp.models.gpt_neox import GPT_NEOX
+from nxd_cp.models.llama import LLAMA, MISTRAL
+from nxd_cp.sharding import check_load_balance
+
+ARCHITECTURES = (LLAMA, MISTRAL, GPT_NEOX)
+COMM_TYPES = ("p2p", "all_gather")
+_META = torch.device("meta")
+
+
+def supported_architectures():
+    return [name for spec in ARCHITECTURES for name in spec.class_names]
+
+
+def arch_of(model: nn.Module) -> ArchSpec:
+    """The ``ArchSpec`` of ``model``'s class, or ``ValueError`` naming the supported ones."""
+    for cls in type(model).__mro__:
+        for spec in ARCHITECTURES:
+            if cls.__name__ in spec.class_names:
+                return spec
+    raise ValueError(f"unsupported architecture {type(model).__name__}: nxd_cp.transform "
+                     f"supports {', '.join(supported_architectures())}")
+
+
+def _causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None,
+                    ignore_index=-100, shift_labels=None, vocab_parallel=False, **kwargs):
+    """transformers' loss_function signature; labels are already shifted (see data.py)."""
+    target = shift_labels if shift_labels is not None else labels
+    return context_parallel_cross_entropy(logits, target, ignore_index=ignore_index,
+                                          vocab_parallel=vocab_parallel,
+                                          num_items_in_batch=num_items_in_batch)
+
+
+def _check_inputs(model: nn.Module, args, kwargs):
+    """Forward pre-hook: what a CP forward needs, checked before any collective runs."""
+    cfg = model.nxd_cp_config
+    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+        raise ValueError("past_key_values / use_cache=True are not supported by a "
+                         "context-parallel model (training only: no KV cache)")
+    kwargs["use_cache"] = False
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+        raise ValueError(f"attention_mask must be 2-D [batch, seq] (1 = real token) under "
+                         f"context parallelism, got shape {tuple(mask.shape)}")
+    cp = ps.get_context_model_parallel_size()
+    if cp == 1:
+        return args, kwargs
+    x = kwargs.get("input_ids", args[0] if args else None)
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if kwargs.get("position_ids") is None:
+        raise ValueError("position_ids is required with context_parallel_size > 1: RoPE needs "
+                         "the global positions of this rank's tokens (get_batch_on_this_"
+                         "context_parallel_rank adds them)")
+    chunks = 2 if cfg["load_balance"] == "zigzag" else 1
+    if x is not None and x.shape[1] % chunks:
+        s = x.shape[1]
+        raise ValueError(f"local sequence length {s} is not a {cfg['load_balance']} shard: the "
+                         f"full sequence length {s * cp} is not divisible by "
+                         f"2*context_parallel_size={2 * cp}")
+    return args, kwargs
+
+
+def _parallel_modules(model: nn.Module, spec: ArchSpec, sizes: Dict[str, int],
+                      vocab_parallel_logits: bool) -> Dict[str, nn.Module]:
+    """path -> new TP module (on the meta device) for every module that gets split."""
+    tp = ps.get_tensor_model_parallel_size()
+    new = {}
+
+    def column(path, gather_output=False):
+        lin = get_path(model, path)
+        new[path] = ColumnParallelLinear(lin.in_features, lin.out_features,
+                                         bias=lin.bias is not None, gather_output=gather_output,
+                                         dtype=lin.weight.dtype, device=_META)
+
+    def row(path):
+        lin = get_path(model, path)
+        new[path] = RowParallelLinear(lin.in_features, lin.out_features,
+                                      bias=lin.bias is not None, input_is_parallel=True,
+                                      dtype=lin.weight.dtype, device=_META)
+
+    emb_path = f"{spec.base}.{spec.embedding}"
+    emb = get_path(model, emb_path)
+    new[emb_path] = ParallelEmbedding(emb.num_embeddings, emb.embedding_dim,
+                                      padding_idx=emb.padding_idx, dtype=emb.weight.dtype,
+                                      device=_META)
+    hkv = sizes["num_key_value_heads"]
+    for i in range(len(get_path(model, f"{spec.base}.{spec.layers}"))):
+        prefix = f"{spec.base}.{spec.layers}.{i}."
+        for p in spec.column:
+            column(prefix + p)
+        for p in spec.row:
+            row(prefix + p)
+        for p in spec.kv:
+            if hkv % tp == 0:
+                column(prefix + p)
+            else:
+                lin = get_path(model, prefix + p)
+                new[prefix + p] = ReplicatedKVLinear(lin.in_features, hkv, sizes["head_dim"],
+                                                     bias=lin.bias is not None,
+                                                     dtype=lin.weight.dtype, device=_META)
+    column(spec.lm_head, gather_output=not vocab_parallel_logits)
+    return new
+
+
+def _rebuild_rotary(model: nn.Module, device: torch.device) -> None:
+    """Recreate RoPE modules: their inv_freq is a non-persistent buffer (not in state dicts)."""
+    for name, m in list(model.named_modules()):
+        if type(m).__name__.endswith("RotaryEmbedding") and hasattr(m, "rope_init_fn"):
+            set_path(model, name, type(m)(config=m.config, device=device))
+
+
+def _first_device(tensors) -> torch.device:
+    for t in tensors:
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "zigzag",
+              state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+              vocab_parallel_logits: bool = False) -> nn.Module:
+    """Turn ``model`` (Llama / Mistral / GPT-NeoX ``*ForCausalLM``) into its TP x CP version.
+
+    Call after ``parallel_state.initialize_model_parallel(tp, pp=1, cp)`` on every rank, with
+    the same full weights on every rank (or a meta-device model and ``state_dict``, the full HF
+    state dict). Modifies and returns ``model`` (and its config object: do not share it with an
+    unmodified model).
+
+    cp_comm_type: "p2p" (ring) or "all_gather" -- how K/V travel in the CP group.
+    load_balance: "zigzag" or "contiguous" -- must be the layout the batches are sharded with.
+    vocab_parallel_logits: keep logits split by vocabulary over TP (``[B, S_local, V/tp]``)
+        instead of gathering them; the model's loss is then computed vocab-parallel.
+
+    The transformed model takes the output of ``get_batch_on_this_context_parallel_rank``:
+    ``input_ids`` / ``labels`` (already shifted) / ``position_ids`` (global) /
+    ``attention_mask`` ``[B, S_local]``; ``.loss`` is the token-weighted loss of the full
+    batch, identical on every CP rank; ``.logits`` are this rank's tokens' logits.
+    Raises ``ValueError`` for an unsupported architecture or sizes that do not split.
+    """
+    spec = arch_of(model)
+    if cp_comm_type not in COMM_TYPES:
+        raise ValueError(f"cp_comm_type={cp_comm_type!r} must be one of {COMM_TYPES}")
+    check_load_balance(load_balance)
+    if getattr(model, "nxd_cp_config", None) is not None:
+        raise ValueError("model is already transformed by nxd_cp.transform")
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("call nxd_cp.parallel_state.initialize_model_parallel(...) before "
+                           "nxd_cp.transform(model)")
+    if ps.get_pipeline_model_parallel_size() != 1:
+        raise ValueError(f"pipeline_model_parallel_size={ps.get_pipeline_model_parallel_size()}"
+                         " is not supported by nxd_cp.transform (use 1)")
+    config = model.config
+    sizes = check_sizes(spec, config, ps.get_tensor_model_parallel_size())
+    on_meta = any(p.is_meta for p in model.parameters())
+    if state_dict is None:
+        if on_meta:
+            raise ValueError("model has parameters on the meta device: pass state_dict= (the "
+                             "full Hugging Face state dict) to nxd_cp.transform")
+        state_dict = model.state_dict()  # references to the full weights, no copy
+
+    lm_head = get_path(model, spec.lm_head)
+    embedding = get_path(model, f"{spec.base}.{spec.embedding}")
+    tied = lm_head.weight is embedding.weight
+    new = _parallel_modules(model, spec, sizes, vocab_parallel_logits)
+    devices = {path: get_path(model, path).weight.device for path in new}
+    for path, module in new.items():
+        set_path(model, path, module)
+
+    if on_meta:
+        device = _first_device(state_dict.values())
+        materialize(model, device)
+        _rebuild_rotary(model, device)
+        load_prefixes = ("",)
+    else:
+        for path, module in new.items():
+            materialize(module, devices[path])
+        load_prefixes = tuple(p + "." for p in new)
+    if tied:  # after materialize: to_empty gives each module its own tensor
+        get_path(model, spec.lm_head).weight = get_path(
+            model, f"{spec.base}.{spec.embedding}").weight
+    _load(model, state_dict, load_prefixes, tied_keys=_tied_keys(model))
+
+    window = spec.window(config)
+    attn_cfg = hf_attention.CPAttentionConfig(cp_comm_type, load_balance, window)
+    for layer in get_path(model, f"{spec.base}.{spec.layers}"):
+        setattr(get_path(layer, spec.attention), hf_attention.MODULE_ATTR, attn_cfg)
+    hf_attention.register()
+    model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
+    model.loss_function = functools.partial(_causal_lm_loss,
+                                            vocab_parallel=vocab_parallel_logits)
+    model.nxd_cp_config = {"architecture": spec.name, "cp_comm_type": cp_comm_type,
+                           "load_balance": load_balance, "window_size": window,
+                           "vocab_parallel_logits": vocab_parallel_logits}
+    model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
+    return model
+
+
+def _tied_keys(model: nn.Module):
+    """Names of parameters that are the same tensor as an earlier name (tied weights)."""
+    seen, tied = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.setdefault(id(p), name)
+    return tied
+
+
+@torch.no_grad()
+def _load(model: nn.Module, full: Mapping[str, torch.Tensor], prefixes, tied_keys) -> None:
+    """Copy this rank's part of ``full`` into every parameter / persistent buffer of ``model``
+    whose name starts with one of ``prefixes``."""
+    parts = partitions(model)
+    missing = []
+    for name, target in model.state_dict(keep_vars=True).items():
+        if not name.startswith(prefixes):
+            continue
+        if name not in full:
+            if name not in tied_keys:
+                missing.append(name)
+            continue
+        part = shard_of(parts.get(name, Partition()), full[name])
+        if part.shape != target.shape:
+            raise ValueError(f"state_dict[{name!r}] of shape {tuple(full[name].shape)} gives a "
+                             f"part of shape {tuple(part.shape)} for a tensor of shape "
+                             f"{tuple(target.shape)}")
+        target.copy_(part)
+    if missing:
+        raise ValueError(f"state_dict lacks {len(missing)} tensors of the model, e.g. "
+                         f"{missing[:5]}")
