@@ -313,6 +313,10 @@ def _check_supported(cfg: NeuronxDistributedConfig, with_nxd: bool) -> None:
         ("sequence_parallel", cfg.sequence_parallel, cfg.sequence_parallel, "must be False"),
         ("pad_model", cfg.pad_model, cfg.pad_model, "must be False"),
         ("lora_config", cfg.lora_config, cfg.lora_config is not None, "must be None"),
+        # NxD's wrapper applies it; on the fallback call model.gradient_checkpointing_enable().
+        ("activation_checkpoint_config", cfg.activation_checkpoint_config,
+         cfg.activation_checkpoint_config is not None,
+         "must be None (use model.gradient_checkpointing_enable() on the transformed model)"),
         ("optimizer_config['zero_one_enabled']", cfg.optimizer_config.zero_one_enabled,
          cfg.optimizer_config.zero_one_enabled, "must be False"),
         ("model_init_config['meta_device_init']", cfg.model_init_config.meta_device_init,

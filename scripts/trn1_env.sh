@@ -245,7 +245,9 @@ trn1_command() {
   TRN1_CMD+=("$TRN1_REPO_ROOT/examples/train_llama_cp.py"
              --tensor_parallel_size "$TP_DEGREE" --context_parallel_size "$CP_DEGREE"
              --cp_comm_type "$CP_COMM_TYPE" --seq_len "$SEQ_LEN" --batch_size "$MBS"
-             --steps "$steps" --device xla)
+             --steps "$steps" --device xla
+             # What a Llama-3.1-8B-sized model needs to fit (docs/choosing.md).
+             --gradient_checkpointing --vocab_parallel_logits)
   [ -z "$MODEL_CONFIG" ] || TRN1_CMD+=(--model_config "$MODEL_CONFIG")
   [ -z "$DATA_PATH" ] || TRN1_CMD+=(--data "$DATA_PATH")
   TRN1_CMD+=("${EXTRA_ARGS[@]}")

@@ -6,7 +6,7 @@ out, dq, dk, dv with the shards of ``torch.nn.functional.scaled_dot_product_atte
 full sequence (float64, autograd); ``unshard_sequence`` of the output must give the reference
 back (the layout round-trips). Relative error is ||x - ref|| / ||ref||.
 
-Tolerances: fp32 forward 1e-5 and gradients 1e-4 (DEVELOPERS.md; measured ~3e-7, the
+Tolerances: fp32 forward 1e-5 and gradients 1e-4 (the project's fp32 standard; measured ~3e-7, the
 differences are fp32 summation order). bf16: TransformerEngine's bounds (atol = rtol = 2.5e-2,
 3.5e-2 with GQA), and no worse than 2x the error of full-sequence bf16 SDPA without CP.
 """

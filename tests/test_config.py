@@ -7,7 +7,7 @@ import torch
 
 from harness import run_ranks
 from nxd_cp import parallel_state as ps
-from nxd_cp.config import (NXD_CONFIG_KEYS, ContextParallelConfig, NeuronxDistributedConfig,
+from nxd_cp.config import (NXD_CONFIG_KEYS, build_config, ContextParallelConfig, NeuronxDistributedConfig,
                            get_context_parallel_config, neuronx_distributed_config)
 
 # NxD's neuronx_distributed_config returns exactly these keys (trainer/trainer.py).
@@ -62,13 +62,15 @@ def test_good_config_round_trip():
     user_optim = {"max_grad_norm": 0.5}
     cfg = neuronx_distributed_config(
         tensor_parallel_size=2, context_parallel_size=4, sequential_move_factor=3,
-        optimizer_config=user_optim, activation_checkpoint_config=[torch.nn.Linear],
+        optimizer_config=user_optim,
         context_parallel_config={"comm_type": "all_gather", "load_balance": "contiguous"})
     assert cfg["tensor_parallel_size"] == 2 and cfg["context_parallel_size"] == 4
     assert cfg["optimizer_config"]["max_grad_norm"] == 0.5
     assert cfg["optimizer_config"]["grad_clipping"] is True
     assert cfg["model_init_config"]["sequential_move_factor"] == 3
-    assert cfg["activation_checkpoint_config"] == [torch.nn.Linear]
+    # Validated and passed on to NxD's wrapper (build_config does not check what runs here).
+    ckpt = build_config(activation_checkpoint_config=[torch.nn.Linear]).to_dict()
+    assert ckpt["activation_checkpoint_config"] == [torch.nn.Linear]
     init_fn = torch.nn.Linear(1, 1)  # a callable object must be passed on, not copied
     cfg2 = neuronx_distributed_config(model_init_config={"param_init_fn": init_fn})
     assert cfg2["model_init_config"]["param_init_fn"] is init_fn
@@ -137,6 +139,8 @@ BAD = [
      r"sequence_parallel=True needs NeuronX Distributed.*must be False"),
     (dict(pad_model=True), NotImplementedError, r"pad_model=True needs NeuronX Distributed"),
     (dict(lora_config=object()), NotImplementedError, r"lora_config=.* needs NeuronX"),
+    (dict(activation_checkpoint_config="full"), NotImplementedError,
+     r"activation_checkpoint_config='full' needs NeuronX.*gradient_checkpointing_enable"),
     (dict(optimizer_config={"zero_one_enabled": True}), NotImplementedError,
      r"optimizer_config\['zero_one_enabled'\]=True needs NeuronX Distributed"),
     (dict(model_init_config={"meta_device_init": True, "param_init_fn": print}),

@@ -30,7 +30,7 @@ def run_example(tmp_path, nproc, *args, env_extra=None):
 def test_example_matches_unmodified_model(tmp_path, args):
     summary, out = run_example(tmp_path, 4, "--seq_len", "512", "--steps", "3", "--check",
                                *args)
-    # fp32 tolerances of DEVELOPERS.md: the example itself fails above them.
+    # the project's fp32 tolerances: the example itself fails above them.
     assert summary["loss_rel_err"] <= 1e-5 and summary["grad_rel_err"] <= 1e-4, summary
     assert "PASS parity" in out and "| loss first -> last step" in out
     assert summary["last_loss"] < summary["first_loss"]  # it trains

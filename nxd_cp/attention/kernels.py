@@ -402,9 +402,10 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, mask, kv_keep):
         out, lse = block_attention_forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep)
+        out = out.to(q.dtype)  # saved in the input dtype, as the CP paths and FlashAttention do
         ctx.save_for_backward(q, k, v, out, lse, kv_keep)
         ctx.scale, ctx.mask = scale, mask
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
