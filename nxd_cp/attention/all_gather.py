@@ -15,7 +15,7 @@ import torch
 
 from nxd_cp.attention.kernels import block_attention_backward, block_attention_forward
 from nxd_cp.attention.masks import BlockTask, chunks_from_ranges, plan_block
-from nxd_cp.attention.merge import merge_partial
+from nxd_cp.attention.merge import empty_accumulators, merge_into
 from nxd_cp.comm.base import Transport
 from nxd_cp.sharding import chunk_ranges, num_chunks, reorder_gathered, shard_sequence
 
@@ -50,15 +50,13 @@ class AllGatherAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, keep, schedule, transport: Transport, scale: float,
                 load_balance: str):
         full_kv, full_keep = _gather(torch.stack([k, v]), keep, transport, load_balance)
-        out = q.new_zeros(q.shape, dtype=torch.float32)
-        lse = q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
+        out, lse = empty_accumulators(q)
         for task in schedule:
             o, l = block_attention_forward(
                 q[:, :, task.q], full_kv[0][:, :, task.k], full_kv[1][:, :, task.k],
                 scale=scale, mask=task.mask,
                 kv_keep=None if full_keep is None else full_keep[:, task.k].bool())
-            out[:, :, task.q], lse[:, :, task.q] = merge_partial(
-                out[:, :, task.q], lse[:, :, task.q], o, l)
+            merge_into(out, lse, o, l, task.q)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, *([] if keep is None else [keep]))
         ctx.schedule, ctx.transport, ctx.scale = schedule, transport, scale

@@ -402,7 +402,10 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, mask, kv_keep):
         out, lse = block_attention_forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep)
-        out = out.to(q.dtype)  # saved in the input dtype, as the CP paths and FlashAttention do
+        # Saved in the input dtype (as the CP paths and FlashAttention do) and in [B, S, H, D]
+        # memory order (see merge.empty_accumulators).
+        b, h, s, d = q.shape
+        out = q.new_empty((b, s, h, d)).transpose(1, 2).copy_(out)
         ctx.save_for_backward(q, k, v, out, lse, kv_keep)
         ctx.scale, ctx.mask = scale, mask
         return out

@@ -47,3 +47,16 @@ def merge_into(out_acc: Tensor, lse_acc: Tensor, out_b: Tensor, lse_b: Tensor,
     out_acc[:, :, q_slice] = merged_out
     lse_acc[:, :, q_slice] = merged_lse
     return out_acc, lse_acc
+
+
+def empty_accumulators(q: Tensor) -> Tuple[Tensor, Tensor]:
+    """Accumulators of a merge over ``q`` ``[B, H, S, D]``: ``out`` zeros and ``lse`` -inf, fp32.
+
+    ``out`` is laid out in ``[B, S, H, D]`` memory order (a transposed view): transformers
+    turns the attention output into ``[B, S, H, D]`` with ``transpose(1, 2).contiguous()``,
+    which is then free instead of a second copy of the output kept for backward.
+    """
+    b, h, s, d = q.shape
+    out = q.new_zeros((b, s, h, d), dtype=torch.float32).transpose(1, 2)
+    lse = q.new_full((b, h, s), float("-inf"), dtype=torch.float32)
+    return out, lse

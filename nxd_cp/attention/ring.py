@@ -20,7 +20,7 @@ import torch
 
 from nxd_cp.attention.kernels import block_attention_backward, block_attention_forward
 from nxd_cp.attention.masks import BlockTask, chunks_from_ranges, plan_block
-from nxd_cp.attention.merge import merge_partial
+from nxd_cp.attention.merge import empty_accumulators, merge_into
 from nxd_cp.comm.base import Transport
 from nxd_cp.sharding import chunk_ranges
 
@@ -51,8 +51,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keep, schedule, transport: Transport, scale: float):
         n = transport.size
-        out = q.new_zeros(q.shape, dtype=torch.float32)
-        lse = q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
+        out, lse = empty_accumulators(q)
         local_keep = keep
         kv = torch.stack([k, v])
         for step in range(n):
@@ -63,8 +62,7 @@ class RingAttention(torch.autograd.Function):
                 o, l = block_attention_forward(
                     q[:, :, task.q], kv[0][:, :, task.k], kv[1][:, :, task.k], scale=scale,
                     mask=task.mask, kv_keep=_keep_slice(keep, task.k))
-                out[:, :, task.q], lse[:, :, task.q] = merge_partial(
-                    out[:, :, task.q], lse[:, :, task.q], o, l)
+                merge_into(out, lse, o, l, task.q)
             if step + 1 < n:
                 kv = next_kv.wait()
                 keep = None if next_keep is None else next_keep.wait()
