@@ -131,30 +131,6 @@ def get_batch(tokens: torch.Tensor, step: int, dp_rank: int, batch_size: int, se
 
 
 # --- measurement --------------------------------------------------------------------------------
-class SavedBytes:
-    """Bytes of the tensors autograd saves for backward while the context is active."""
-
-    def __init__(self):
-        self.total = 0
-        self._seen = set()
-
-    def _pack(self, t):
-        key = (t.untyped_storage().data_ptr(), t.dtype, t.shape) if t.device.type != "xla" \
-            else id(t)
-        if key not in self._seen:  # a tensor saved by several nodes is stored once
-            self._seen.add(key)
-            self.total += t.numel() * t.element_size()
-        return t
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -227,7 +203,7 @@ def main(argv=None) -> int:
                  nxd_cp.get_batch_on_this_context_parallel_rank(
                      full, load_balance=args.load_balance).items()}
         first = step == 1
-        with nxd_cp.count_bytes() as sent, SavedBytes() as saved:
+        with nxd_cp.count_bytes() as sent, nxd_cp.count_saved_bytes(model.parameters()) as saved:
             loss = model(**batch).loss
         with nxd_cp.count_bytes() as sent_bwd:
             loss.backward()

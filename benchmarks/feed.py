@@ -1,0 +1,75 @@
+"""One CP rank in one process: a transport that hands the rank what it would receive.
+
+``FeedTransport`` implements ``nxd_cp.comm.base.Transport`` without any communication, so the
+library's own ``RingAttention`` / ``AllGatherAttention`` run unchanged (same schedule, kernels,
+merges, buffer packing and dK/dV accumulation) and only the wire is missing. It is built from
+the packed K/V shards ``[2, B, Hkv, S_local, D]`` of *every* rank of the group:
+
+* ring shift of K/V: returns the shard of the previous source rank, exactly the block the real
+  ring delivers at that step;
+* ring shift of dK/dV (backward): returns the tensor itself (same shape; the real one would be
+  the partial dK/dV of a neighbour -- values that do not change the work);
+* all-gather: the concatenation of all shards in rank order; reduce-scatter: this rank's chunk.
+
+A K/V shift is told from a dK/dV shift by identity: the blocks this transport returned are
+K/V, and so is the first tensor shifted after ``start_pass()`` (the rank's own packed K/V).
+Call ``start_pass()`` before the forward and before the backward.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from nxd_cp.comm.base import GroupSpec, PendingTensor, Transport
+from nxd_cp.sharding import shard_sequence
+
+
+def kv_shards(k: torch.Tensor, v: torch.Tensor, cp_size: int,
+              load_balance: str = "zigzag") -> List[torch.Tensor]:
+    """Packed ``[2, B, Hkv, S/cp, D]`` shard of every rank from full-sequence ``k``, ``v``."""
+    kv = torch.stack([k, v])
+    return [shard_sequence(kv, 3, r, cp_size, load_balance).contiguous() for r in range(cp_size)]
+
+
+class FeedTransport(Transport):
+    """Rank ``rank`` of a group of ``len(shards)`` ranks, fed from ``shards`` (see module doc)."""
+
+    def __init__(self, rank: int, shards: Sequence[torch.Tensor]):
+        n = len(shards)
+        super().__init__(GroupSpec(tuple(range(n)), rank, (tuple(range(n)),)))
+        self.shards = list(shards)
+        self._src_of: Dict[int, int] = {id(s): i for i, s in enumerate(self.shards)}
+        self._expect_local = True
+
+    def start_pass(self) -> None:
+        """The next shifted tensor is this rank's own packed K/V (forward or backward start)."""
+        self._expect_local = True
+
+    def ring_shift_start(self, x: torch.Tensor, direction: int = 1) -> PendingTensor:
+        self._check_direction(direction)
+        if x.dim() != 5:
+            raise NotImplementedError("FeedTransport feeds packed K/V only (no key-padding mask)")
+        src = self._src_of.get(id(x))
+        if src is None and self._expect_local:
+            src = self.rank
+        self._expect_local = False
+        if src is None:  # dK/dV travelling with their block
+            return PendingTensor(x)
+        return PendingTensor(self.shards[(src - direction) % self.size])
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if x.dim() != 5:
+            raise NotImplementedError("FeedTransport feeds packed K/V only (no key-padding mask)")
+        return torch.cat(self.shards, dim=dim)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        self._check_divisible(x, dim, "reduce_scatter")
+        c = x.shape[dim] // self.size
+        return x.narrow(dim, self.rank * c, c).contiguous()
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    def all_to_all(self, x, scatter_dim, gather_dim):
+        raise NotImplementedError("FeedTransport: all_to_all is not used by CP attention")

@@ -1,0 +1,326 @@
+"""Assemble ``docs/performance.md`` and ``docs/performance.png`` from the benchmarks' JSON files.
+
+``run_all.sh`` runs every benchmark with ``--json RESULTS/<name>.json``, writes the exact
+command lines to ``RESULTS/commands.txt`` and the run time to ``RESULTS/seconds.txt``, then
+calls this script. The headline table is computed from the JSON figures; the per-benchmark
+tables are the ones the scripts printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import machine_stamp  # noqa: E402
+
+SECTIONS = [  # (json name, title, what it measures)
+    ("bench_memory", "Activation memory per rank",
+     "Bytes saved for backward (`saved_tensors_hooks`, once per storage, parameters excluded) "
+     "by one attention call and one whole tiny-Llama decoder layer, on real gloo ranks."),
+    ("bench_comm", "Communication per rank",
+     "Bytes each rank hands its transport per attention call (`nxd_cp.count_bytes()`, "
+     "bandwidth-optimal volume of each collective), on real gloo ranks."),
+    ("bench_load_balance", "Load balance",
+     "Visible query-key pairs per rank under a causal mask, from the schedules the library runs."),
+    ("bench_cpu_efficiency", "Compute efficiency on CPU",
+     "One rank's whole schedule (the library's ring / all-gather with the other ranks' K/V fed "
+     "locally by `benchmarks/feed.py`, no wire) vs full-sequence SDPA / cp, fwd+bwd fp32."),
+    ("bench_e2e_cpu", "End to end on CPU",
+     "Tiny-Llama training step (fwd, bwd, CP gradient all-reduce, AdamW) at TP2 x CP2 on 4 gloo "
+     "ranks vs one rank."),
+    ("bench_gpu", "GPU", "Local kernels in TFLOP/s and one rank's zigzag schedule vs full / cp "
+     "on CUDA."),
+]
+
+
+def load(results: str, name: str) -> Optional[dict]:
+    path = os.path.join(results, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Headline
+# ---------------------------------------------------------------------------------------------
+def headline(data: Dict[str, Optional[dict]]) -> List[List[str]]:
+    """Rows: figure, target, result, met."""
+    rows = []
+    mem = data["bench_memory"]
+    if mem:
+        for what, label in (("attention", "attention call"), ("layer", "decoder layer")):
+            rs = [r for r in mem["rows"] if r["what"] == what]
+            cp1 = max(r["ratio"] for r in rs if r["cp"] == 1)
+            worst = max(r["ratio"] for r in rs if r["cp"] > 1)
+            ok = worst <= mem["target"] and cp1 <= mem["target"]
+            rows.append([f"memory per rank, {label} (saved / (best cp=1 / cp))",
+                         f"<= {mem['target']}",
+                         f"cp>1: {worst:.3f}; cp=1: {cp1:.3f}", "yes" if ok else "partly"])
+    comm = data["bench_comm"]
+    if comm:
+        dev = max(abs(r[f"{p}_vs_formula"] - 1) for r in comm["rows"] for p in ("fwd", "bwd"))
+        rows.append(["communication vs our formula (fwd and bwd)", "±1%",
+                     f"max deviation {dev:.2%}", "yes" if dev <= 0.01 else "NO"])
+        fwd = max(abs(r["fwd_vs_limit"] - 1) for r in comm["rows"])
+        rows.append(["communication fwd vs issue limit (cp-1)/cp of gathered K/V", "±1%",
+                     f"max deviation {fwd:.2%}", "yes" if fwd <= 0.01 else "NO"])
+        for c in ("p2p", "all_gather"):
+            b = [r["bwd_vs_limit"] for r in comm["rows"] if r["comm"] == c]
+            rows.append([f"communication bwd vs issue limit (dK/dV fp32 only), {c}", "1.00",
+                         f"{min(b):.3f}-{max(b):.3f}", "NO (by design, see below)"])
+        rep = [r["vs_repeat_kv"] for r in comm["rows"]]
+        rows.append(["communication vs repeat-KV design", "Hkv/Hq = 0.25",
+                     f"{min(rep):.4f}-{max(rep):.4f}", "yes" if max(rep) <= 0.2501 else "NO"])
+    lb = data["bench_load_balance"]
+    if lb:
+        z = max(max(r["max_over_mean"], r["steps_max_over_mean"]) for r in lb["rows"]
+                if r["layout"] == "zigzag")
+        c = max(r["max_over_mean"] for r in lb["rows"] if r["layout"] == "contiguous")
+        rows.append(["load balance zigzag max/mean (contiguous for contrast)", f"<= {lb['target']}",
+                     f"{z:.4f} (contiguous up to {c:.3f})", "yes" if z <= lb["target"] else "NO"])
+    eff = data["bench_cpu_efficiency"]
+    if eff:
+        for kernel, label in (("auto", "default kernel (CPU fused)"), ("torch", "pure torch")):
+            for s in sorted({r["seq_len"] for r in eff["rows"] if r["kernel"] == kernel}):
+                rs = [r for r in eff["rows"] if r["kernel"] == kernel and r["seq_len"] == s]
+                vals = " / ".join(f"{r['ratio']:.2f}" for r in rs if r["comm"] == "p2p")
+                ag = " / ".join(f"{r['ratio']:.2f}" for r in rs if r["comm"] == "all_gather")
+                worst = min(r["ratio"] for r in rs)
+                rows.append([f"CPU efficiency, {label}, S={s} (cp 2/4/8: p2p; all_gather)",
+                             f">= {eff['target']}", f"{vals}; {ag}",
+                             "yes" if worst >= eff["target"] else "NO"])
+    e2e = data["bench_e2e_cpu"]
+    if e2e:
+        m = e2e["configs"]["TP2 x CP2"]
+        if m.get("cpu_ratio") is not None:
+            rows.append(["end to end TP2xCP2: CPU time/rank vs perfect scaling",
+                         "1.00 (no target)", f"{m['cpu_ratio']:.3f}", "-"])
+        if m.get("mem_ratio") is not None:
+            rows.append(["end to end TP2xCP2: step memory/rank vs one rank at S/2",
+                         "<= 1.00 (no target)", f"{m['mem_ratio']:.2f}", "-"])
+    gpu = data["bench_gpu"]
+    if gpu is None or gpu.get("skipped"):
+        rows.append(["GPU figures", "when a device is lent", "skipped: no CUDA device", "-"])
+    else:
+        worst = min(r["ratio"] for r in gpu["schedule"])
+        rows.append([f"GPU zigzag schedule vs full/cp ({gpu['stamp'].get('gpu')})", ">= 0.85",
+                     f"min {worst:.3f}", "yes" if worst >= 0.85 else "NO"])
+    return rows
+
+
+def findings(data: Dict[str, Optional[dict]]) -> str:
+    """Why the misses happen and what would close them (prose with the measured numbers)."""
+    out = []
+    mem, comm, eff, e2e = (data[k] for k in ("bench_memory", "bench_comm",
+                                            "bench_cpu_efficiency", "bench_e2e_cpu"))
+    if mem:
+        over = [r for r in mem["rows"] if r["ratio"] > 1.10]
+        if over:
+            worst = max(over, key=lambda r: r["ratio"])
+            out.append(
+                f"- **Memory: {len(over)} rows above 1.10 (worst {worst['ratio']:.3f}, "
+                f"{worst['what']} at cp = {worst['cp']}, {worst['comm']}).** Compare the saved "
+                "bytes with the listing in section 1: every tensor saved beyond the local q, k, "
+                "v, out and fp32 lse is an extra copy to remove.")
+    if comm:
+        out.append(
+            "- **Communication, backward above the issue's limit (by design).** The limit counts "
+            "only dK/dV. Because only the local K/V are saved (memory 1/cp above), backward "
+            "re-rotates (p2p) or re-gathers (all_gather) K/V: (cp-1)·2E·e more bytes; p2p's "
+            "dK/dV also make cp hops, not cp-1 (the last brings them home). Keeping the received "
+            "K/V would remove the first term at (cp-1)/cp of K/V per layer in memory; starting "
+            "the backward rotation one rank ahead would turn the extra fp32 dK/dV hop into one "
+            "more bf16 K/V hop (saves 2E·(4-e) bytes per call). Forward equals the limit and "
+            "all counts equal our formula exactly.")
+    if eff:
+        misses = [r for r in eff["rows"] if r["kernel"] == "auto" and r["ratio"] < eff["target"]]
+        torch_rows = [r for r in eff["rows"] if r["kernel"] == "torch"]
+        if misses:
+            txt = ", ".join(f"S={r['seq_len']} cp={r['cp']} {r['comm']} {r['ratio']:.2f}"
+                            for r in misses)
+            s_max = max(r["seq_len"] for r in eff["rows"] if r["kernel"] == "auto")
+            big = [r["ratio"] for r in eff["rows"] if r["kernel"] == "auto"
+                   and r["seq_len"] == s_max]
+            out.append(
+                f"- **CPU efficiency, default kernel: misses at {txt} "
+                f"(target {eff['target']}).** These are the smallest blocks (S/(2cp) rows per "
+                "chunk). Profiled (S=8K, cp=8), the fused kernel calls keep pace with the full "
+                "sequence; the per-step work outside them (LSE merges, packing K/V, "
+                "zero-filled accumulators, dK/dV adds) is ~6% of the rank's time, and ranks "
+                "jitter by a few percent on this shared machine (the figure is the slower of "
+                f"two ranks, medians of {min(r['reps'] for r in misses)}). At S={s_max} the "
+                f"ratios are {min(big):.2f}-{max(big):.2f}. Merging inside the kernel (the "
+                "fused op accumulating into `out` / `lse` in place) and reusing the "
+                "accumulators across steps would remove most of that work.")
+        if torch_rows:
+            lo = min(r["ratio"] for r in torch_rows)
+            hi = max(r["ratio"] for r in torch_rows)
+            own = [r["ratio_vs_own_full"] for r in torch_rows]
+            out.append(
+                f"- **CPU efficiency, pure-torch kernel: {lo:.2f}-{hi:.2f} of SDPA.** The gap is "
+                "the kernel (unfused matmul / exp / where per tile), not CP: against the same "
+                f"kernel on the full sequence the schedules reach {min(own):.2f}-{max(own):.2f}. "
+                "It is the XLA / reference path; on CPU the fused op is the default, on "
+                "Trainium an NKI kernel registered with `register_kernel` closes it.")
+    if e2e and e2e["configs"]["TP2 x CP2"].get("cpu_ratio") is not None:
+        m = e2e["configs"]["TP2 x CP2"]
+        out.append(
+            f"- **End to end: CPU time per rank {m['cpu_ratio']:.2f} of perfect scaling.** The "
+            "rest is what TP x CP adds on top of the attention: TP all-reduces of activations "
+            "in forward and backward, CP K/V exchange and the gradient all-reduce, all on gloo "
+            "over loopback (their CPU time counts), plus smaller kernels. 4 ranks share 2 cores "
+            "here, so tokens/s of that run is not a speed-up figure.")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------------------
+def plot(data: Dict[str, Optional[dict]], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    mem, eff, comm = data["bench_memory"], data["bench_cpu_efficiency"], data["bench_comm"]
+    ax = axes[0]
+    if mem:
+        for what, color in (("attention", "tab:blue"), ("layer", "tab:orange")):
+            rs = sorted((r for r in mem["rows"] if r["what"] == what and r["comm"] == "p2p"),
+                        key=lambda r: r["cp"])
+            cps = [r["cp"] for r in rs]
+            label = "attention call" if what == "attention" else "decoder layer"
+            ax.plot(cps, [r["saved"] / 2**20 for r in rs], "o-", color=color,
+                    label=f"{label} (S={rs[0]['seq_len']})")
+            ax.plot(cps, [r["limit"] / 2**20 for r in rs], "--", color=color, alpha=0.6,
+                    label=f"{label}: limit best cp=1 / cp")
+    ax.set(title="Activation memory per rank (saved for backward)", xlabel="cp",
+           ylabel="MiB", xscale="log", yscale="log")
+    ax2 = axes[1]
+    if eff:
+        colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"])
+        for s in sorted({r["seq_len"] for r in eff["rows"]}):
+            rs = sorted((r for r in eff["rows"] if r["seq_len"] == s and r["kernel"] == "auto"
+                         and r["comm"] == "p2p"), key=lambda r: r["cp"])
+            full = eff["full_times"][str(s)]["sdpa"]
+            color = next(colors)
+            ax2.plot([1] + [r["cp"] for r in rs], [full] + [r["rank_time"] for r in rs], "o-",
+                     color=color, label=f"S={s // 1024}K: one rank (cp=1: SDPA)")
+            ax2.plot([1] + [r["cp"] for r in rs], [full] + [full / r["cp"] for r in rs], "--",
+                     color=color, alpha=0.6, label=f"S={s // 1024}K: SDPA full / cp")
+    ax2.set(title=f"Attention fwd+bwd time per rank (CPU, "
+                  f"{eff['threads'] if eff else '?'} thread, {eff['clock'] if eff else ''} time)",
+            xlabel="cp", ylabel="seconds", xscale="log", yscale="log")
+    ax3 = axes[2]
+    if comm:
+        for c, color in (("p2p", "tab:blue"), ("all_gather", "tab:orange")):
+            rs = sorted((r for r in comm["rows"] if r["comm"] == c), key=lambda r: r["cp"])
+            cps = [r["cp"] for r in rs]
+            ax3.plot(cps, [(r["fwd"] + r["bwd"]) / 2**20 for r in rs], "o-", color=color,
+                     label=f"{c}: sent fwd+bwd")
+            ax3.plot(cps, [(r["repeat_kv"]["fwd"] + r["repeat_kv"]["bwd"]) / 2**20 for r in rs],
+                     ":", color=color, alpha=0.7, label=f"{c}: repeat-KV design")
+        rs = sorted(comm["rows"], key=lambda r: r["cp"])
+        ax3.plot(sorted({r["cp"] for r in rs}),
+                 [(r["limit"]["fwd"] + r["limit"]["bwd"]) / 2**20 for r in rs if r["comm"] == "p2p"],
+                 "k--", alpha=0.6, label="issue limit (fwd K/V + bwd dK/dV)")
+    ax3.set(title="Bytes sent per rank per attention call", xlabel="cp", ylabel="MiB",
+            xscale="log", yscale="log")
+    plain = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}")
+    for a in axes:
+        a.set_xscale("log", base=2)
+        cps = sorted({round(x) for line in a.get_lines() for x in line.get_xdata()})
+        a.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(cps))
+        a.xaxis.set_major_formatter(plain)
+        a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        a.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))
+        a.yaxis.set_major_formatter(plain)
+        a.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        a.grid(True, which="both", alpha=0.3)
+        if a.get_lines():
+            a.legend(fontsize=7.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+def markdown(data, commands: Dict[str, str], seconds: Optional[float], quick: bool,
+             png_name: str) -> str:
+    stamp = machine_stamp()
+    gpu = data.get("bench_gpu") or {}
+    lines = ["# Performance", "",
+             "Generated by `benchmarks/run_all.sh" + (" --quick" if quick else "") + "` "
+             "(`benchmarks/report.py`); do not edit by hand. Issue 6 defines the figures and "
+             "targets: each is printed beside its theoretical limit and the ratio.", "",
+             "## Machine", "",
+             f"- CPU: {stamp['cpu']}, {stamp['cores']} cores (shared with other jobs while this "
+             "ran: CPU-time clocks below)",
+             f"- torch {stamp['torch']}, Python {stamp['python']}",
+             f"- date: {stamp['date']}"]
+    if seconds is not None:
+        lines.append(f"- this run took {seconds / 60:.1f} minutes")
+    if gpu.get("stamp", {}).get("gpu"):
+        g = gpu["stamp"]
+        lines.append(f"- GPU: {g['gpu']}, CUDA {g['cuda']}, cuDNN {g['cudnn']}")
+    else:
+        lines.append("- GPU: none lent to this run (`bench_gpu.py` printed "
+                     "\"skipped: no CUDA device\"; no GPU figures are claimed)")
+    lines += ["", "Sizes are chosen so the whole run stays near 10 minutes on this 2-core "
+              "machine; every figure except timings is a function of shapes only and scales "
+              "exactly (bytes linear in S, ratios constant).", "",
+              "## Headline", "",
+              "| figure | target | result | met |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in headline(data)]
+    text = findings(data)
+    if text:
+        lines += ["", "### Where a target is missed, why, and what would close it", "", text]
+    lines += ["", f"![per-rank memory, time and communication vs cp]({png_name})", ""]
+    for i, (name, title, what) in enumerate(SECTIONS, 1):
+        lines += [f"## {i}. {title}", "", what, ""]
+        if name in commands:
+            lines += ["```", commands[name], "```", ""]
+        d = data.get(name)
+        if d is None:
+            lines += ["(no result: the script failed or was not run)", ""]
+        elif d.get("skipped"):
+            lines += [f"skipped: {d['skipped']}", ""]
+        else:
+            lines += [d["tables"].replace("### ", "#### "), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", required=True, help="folder of the benchmarks' JSON files")
+    p.add_argument("--out", required=True, help="folder for performance.md / performance.png")
+    p.add_argument("--quick", action="store_true", help="the results come from --quick runs")
+    args = p.parse_args()
+    data = {name: load(args.results, name) for name, _, _ in SECTIONS}
+    commands = {}
+    path = os.path.join(args.results, "commands.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                for name, _, _ in SECTIONS:
+                    if f"benchmarks/{name}.py" in line:
+                        commands[name] = line.strip()
+    seconds = None
+    path = os.path.join(args.results, "seconds.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            seconds = float(f.read().strip())
+    os.makedirs(args.out, exist_ok=True)
+    plot(data, os.path.join(args.out, "performance.png"))
+    with open(os.path.join(args.out, "performance.md"), "w") as f:
+        f.write(markdown(data, commands, seconds, args.quick, "performance.png"))
+    print(f"wrote {os.path.join(args.out, 'performance.md')} and performance.png")
+
+
+if __name__ == "__main__":
+    main()
