@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import interleaved_medians, parser, print_table, write_json  # noqa: E402
+from common import forced_kernel, interleaved_medians, parser, print_table, write_json  # noqa: E402
 from feed import FeedTransport, kv_shards  # noqa: E402
 from nxd_cp.attention.all_gather import all_gather_attention  # noqa: E402
-from nxd_cp.attention.kernels import KERNEL_ENV, BlockMask, local_attention  # noqa: E402
+from nxd_cp.attention.kernels import BlockMask, local_attention  # noqa: E402
 from nxd_cp.attention.ring import ring_attention  # noqa: E402
 from nxd_cp.sharding import shard_sequence  # noqa: E402
 
@@ -39,15 +39,8 @@ ALGORITHMS = {"p2p": ring_attention, "all_gather": all_gather_attention}
 def with_kernel(kernel: str, fn):
     """``fn`` run under ``NXD_CP_KERNEL=kernel`` ("auto" = the default registry)."""
     def run():
-        old = os.environ.get(KERNEL_ENV)
-        os.environ[KERNEL_ENV] = kernel
-        try:
+        with forced_kernel(kernel):
             fn()
-        finally:
-            if old is None:
-                del os.environ[KERNEL_ENV]
-            else:
-                os.environ[KERNEL_ENV] = old
     return run
 
 

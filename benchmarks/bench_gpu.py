@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import interleaved_medians, machine_stamp, parser, print_table, write_json  # noqa: E402
+from common import forced_kernel, interleaved_medians, machine_stamp, parser, print_table, write_json  # noqa: E402
 from feed import FeedTransport, kv_shards  # noqa: E402
-from nxd_cp.attention.kernels import KERNEL_ENV, BlockMask, local_attention  # noqa: E402
+from nxd_cp.attention.kernels import BlockMask, local_attention  # noqa: E402
 from nxd_cp.attention.ring import ring_attention  # noqa: E402
 from nxd_cp.sharding import shard_sequence  # noqa: E402
 
@@ -50,16 +50,9 @@ def inputs(seq_len: int, device, dtype):
 def fwd_bwd(fn, tensors, dout, kernel="auto"):
     """A callable: fresh leaves, ``fn(*leaves)`` forward and backward under ``kernel``."""
     def run():
-        old = os.environ.get(KERNEL_ENV)
-        os.environ[KERNEL_ENV] = kernel
-        try:
+        with forced_kernel(kernel):
             leaves = [t.detach().clone().requires_grad_() for t in tensors]
             fn(*leaves).backward(dout)
-        finally:
-            if old is None:
-                del os.environ[KERNEL_ENV]
-            else:
-                os.environ[KERNEL_ENV] = old
     return run
 
 

@@ -7,6 +7,7 @@ report and the plot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -14,7 +15,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -110,6 +111,22 @@ def interleaved_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: i
             sync()
             times[n].append(now() - t0)
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+@contextlib.contextmanager
+def forced_kernel(kernel: str) -> Iterator[None]:
+    """Run the block with ``NXD_CP_KERNEL=kernel`` ("auto": the default registry)."""
+    from nxd_cp.attention.kernels import KERNEL_ENV
+
+    old = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = kernel
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[KERNEL_ENV]
+        else:
+            os.environ[KERNEL_ENV] = old
 
 
 # ---------------------------------------------------------------------------------------------
