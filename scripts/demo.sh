@@ -10,7 +10,6 @@ bash scripts/setup.sh
 # 4 ranks share this machine's cores: one intra-op thread each.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
-export TORCH_CPP_LOG_LEVEL="${TORCH_CPP_LOG_LEVEL:-ERROR}"  # no per-connection gloo lines
 exec "$root/.venv/bin/torchrun" --standalone --nproc_per_node 4 \
   examples/train_llama_cp.py --device cpu --tensor_parallel_size 2 --context_parallel_size 2 \
   --cp_comm_type p2p --seq_len 8192 --batch_size 1 --steps 20 --log_every 5 --check "$@"
