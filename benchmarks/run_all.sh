@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every benchmark, then write performance.md and performance.png (benchmarks/report.py).
 #
-#   benchmarks/run_all.sh                 full sizes (~10 min on 2 cores) -> docs/
+#   benchmarks/run_all.sh                 full sizes (~7 min on 2 cores)  -> docs/
 #   benchmarks/run_all.sh --quick         tiny sizes (about a minute)     -> a temporary folder
 #   benchmarks/run_all.sh [--quick] --out DIR
 #
@@ -18,7 +18,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) quick="--quick"; shift ;;
     --out) out="$2"; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -36,8 +36,8 @@ declare -A extra=([bench_cpu_efficiency]="--threads 1")
 failed=()
 start=$SECONDS
 for b in "${benches[@]}"; do
-  cmd="$py benchmarks/$b.py $quick ${extra[$b]:-}"
-  cmd="${cmd%% }"
+  cmd="$py benchmarks/$b.py"
+  for a in $quick ${extra[$b]:-}; do cmd="$cmd $a"; done
   echo "$cmd" >> "$results/commands.txt"
   echo "== $cmd"
   t0=$SECONDS
