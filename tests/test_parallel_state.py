@@ -34,6 +34,7 @@ def _describe_groups(rank, world, tp, cp):
                      group(as_list=True))
     out["cp_replica_groups"] = ps.get_context_model_parallel_replica_groups()
     out["cp_pairs"] = ps.get_context_model_parallel_src_tgt_pairs()
+    out["all_rings"] = ps.get_context_model_parallel_ring_pairs()
     out["tp_replica_groups"] = ps.get_tensor_model_parallel_replica_groups()
     try:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
@@ -49,7 +50,7 @@ def _describe_groups(rank, world, tp, cp):
     # CP size 1 is a valid (no-op) configuration.
     ps.initialize_model_parallel(tensor_model_parallel_size=world, context_parallel_size=1)
     out["cp1"] = (ps.get_context_model_parallel_size(), ps.get_context_model_parallel_rank(),
-                  ps.get_context_model_parallel_src_tgt_pairs()[:2])
+                  ps.get_context_model_parallel_src_tgt_pairs())
     return out
 
 
@@ -77,10 +78,12 @@ def test_groups_on_real_ranks(world, tp, cp):
         assert "already initialized" in got["double_init"]
         assert "not initialized" in got["after_destroy"]
         assert got["cp1"][:2] == (1, 0)
-        assert got["cp1"][2] == [[0, 0], [1, 1]]
+        assert got["cp1"][2] == [(rank, rank)]  # NxD's meaning: this rank's ring
     cp_groups = [[0, 2], [1, 3]] if world == 4 else [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert results[0]["cp_replica_groups"] == cp_groups
-    assert results[0]["cp_pairs"][:4] == [[0, 2], [2, 0], [1, 3], [3, 1]]
+    assert results[0]["cp_pairs"] == [(0, 2), (2, 0)]  # NxD's: this rank's ring, sorted
+    assert results[3]["cp_pairs"] == [(1, 3), (3, 1)]
+    assert results[0]["all_rings"][:4] == [[0, 2], [2, 0], [1, 3], [3, 1]]
     if world == 8:
         assert results[5]["data"][0] == [1, 5]
         assert results[5]["data_context"][0] == [1, 3, 5, 7]
@@ -120,7 +123,7 @@ def _hang(rank, world):
 
 def test_bad_sizes_and_hang_reporting():
     msgs = run_ranks(_bad_sizes, 2)[0]
-    assert "world_size=2 is not divisible by" in msgs[0] and "(3)" in msgs[0]
+    assert "tensor_model_parallel_size=3 is larger than world_size=2" in msgs[0]
     assert "context_parallel_size=0 must be an integer >= 1" in msgs[1]
     assert "= 8" in msgs[2]
     with pytest.raises(TimeoutError, match=r"(?s)did not finish within 10s.*rank 1 stack.*_hang"):
