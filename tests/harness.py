@@ -127,6 +127,9 @@ def _hung_report(procs, stack_dir, timeout, outs, errors) -> str:
              f"failed ranks: {sorted(errors)}"]
     for r in range(len(procs)):
         path = os.path.join(stack_dir, f"rank{r}.txt")
+        if not os.path.exists(path):  # a loaded machine may not have started the rank yet
+            parts.append(f"--- rank {r} stack ---\n(not started)")
+            continue
         with open(path) as f:
             parts.append(f"--- rank {r} stack ---\n{f.read().strip() or '(finished)'}")
     return "\n".join(parts)
