@@ -158,7 +158,11 @@ def four_rank_nxd(rank, world):
     from nxd_cp import layers as L
     from nxd_cp import parallel_state as ps
 
-    out = {"in_charge_before_init": ps.nxd_in_charge()}
+    import os
+    os.environ["NXD_CPU_MODE"] = "0"  # gloo without NxD's CPU mode: NxD would deadlock
+    out = {"in_charge_without_cpu_mode": ps.nxd_in_charge()}
+    os.environ["NXD_CPU_MODE"] = "1"
+    out["in_charge_before_init"] = ps.nxd_in_charge()
     ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
     out["state_tp2cp2"] = compare_state()
     layer = L.ColumnParallelLinear(8, 8, gather_output=False)
@@ -239,6 +243,7 @@ def test_parallel_state_is_nxds(four, eight):
 def test_nxd_layers_in_charge(four):
     for rank, r in enumerate(four):
         assert r["in_charge_before_init"]  # NXD_CPU_MODE=1 and importable
+        assert not r["in_charge_without_cpu_mode"]  # gloo, no NXD_CPU_MODE: the fallback
         assert r["layers"]["using_nxd"] and r["layers"]["isinstance"]
         assert r["layers"]["column_module"] == "neuronx_distributed.parallel_layers.layers"
         # pad row 0 lives on TP rank 0 (rows [0, 8)): restored there, absent elsewhere.
