@@ -14,7 +14,7 @@ Differences from NxD, on purpose:
   instead of being ignored; missing keys get NxD's defaults, without NxD's warnings.
 - The caller's dicts are copied, never updated in place.
 - Parallel state is initialised through ``nxd_cp.parallel_state`` (which delegates to NxD when
-  NxD is importable). Calling again with the same sizes is a no-op; different sizes are an error.
+  NxD is in charge). Calling again with the same sizes is a no-op; different sizes are an error.
 - Features that need NxD's wrappers (pipeline and sequence parallelism, LoRA, head padding,
   ZeRO-1, meta-device init) raise ``NotImplementedError`` on the torch.distributed fallback
   instead of being silently dropped. ``expert_parallel_size > 1`` and ``lnc_size != 1`` are
@@ -288,10 +288,9 @@ class NeuronxDistributedConfig:
 
 # --- environment checks ----------------------------------------------------------------------
 def nxd_available() -> bool:
-    """True when a real NxD with context parallelism is importable (the one parallel_state
-    delegates to; ``NXD_CP_DISABLE_NXD=1`` turns it off)."""
-    # parallel_state owns the detection so that config and state never disagree.
-    return parallel_state._nxd_parallel_state() is not None
+    """True when NxD is in charge (``parallel_state.nxd_in_charge()``, the one decision point,
+    asked at each call: importable, not disabled, and on XLA or with ``NXD_CPU_MODE=1``)."""
+    return parallel_state.nxd_in_charge()
 
 
 def _check_supported(cfg: NeuronxDistributedConfig, with_nxd: bool) -> None:

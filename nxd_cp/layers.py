@@ -1,11 +1,13 @@
-"""Tensor-parallel layers: NxD's when NxD runs the groups, else a fallback with NxD's signatures.
+"""Tensor-parallel layers: NxD's when NxD is in charge, else a fallback with NxD's signatures.
 
-``ColumnParallelLinear``, ``RowParallelLinear``, ``ParallelEmbedding`` and
-``parallel_cross_entropy`` are NeuronX Distributed's own classes when ``parallel_state`` uses
-NxD (a real ``neuronx_distributed`` with context parallelism is importable). Otherwise they are
-the fallbacks below, built on ``nxd_cp.comm.autograd`` so they run on gloo, NCCL and XLA. The
-fallbacks take NxD's constructor arguments for the subset nxd_cp uses and lay parameters out as
-NxD does:
+``ColumnParallelLinear``, ``RowParallelLinear`` and ``ParallelEmbedding`` decide *when a layer
+is built* (never at import time), by asking ``parallel_state.nxd_in_charge()``: NeuronX
+Distributed's own class then, else the fallback below, built on ``nxd_cp.comm.autograd`` so it
+runs on gloo, NCCL and XLA. ``isinstance(m, ColumnParallelLinear)`` is true for both. Built by
+NxD, a ``ParallelEmbedding`` gets back the ``padding_idx`` NxD drops when it is 0 (NxD tests
+``if padding_idx and ...``), so the pad row gets no gradient, as in ``nn.Embedding``.
+``parallel_cross_entropy`` lives in ``nxd_cp.loss``. The fallbacks take NxD's constructor
+arguments for the subset nxd_cp uses and lay parameters out as NxD does:
 
 | layer                 | weight shard       | bias                                         |
 |-----------------------|--------------------|----------------------------------------------|
@@ -13,16 +15,18 @@ NxD does:
 | RowParallelLinear     | ``[out, in/tp]``   | ``[out]``                                    |
 | ParallelEmbedding     | ``[V/tp, H]``      | - (``[V, H/tp]`` weight if shard_across_embedding) |
 
-Full-size biases are added after the gather / all-reduce.
-
-Sharded parameters carry NxD's attributes ``tensor_model_parallel=True``, ``partition_dim``,
-``partition_stride=1`` and ``num_partitions`` (``nxd_cp.models.common.partition_of`` reads the
-layout from the layer type first, as these attributes do not survive ``.to("xla")``). Rank ``r`` of the TP group holds the contiguous chunk ``r`` of the
-partition dim (stride 1). Sequence parallelism inside TP is not in the fallback.
+Full-size biases are added after the gather / all-reduce. Sharded parameters carry NxD's
+attributes ``tensor_model_parallel=True``, ``partition_dim``, ``partition_stride=1`` and
+``num_partitions`` (``nxd_cp.models.common.partition_of`` reads the layout from the layer type
+first, as these attributes do not survive ``.to("xla")``). Rank ``r`` of the TP group holds the
+contiguous chunk ``r`` of the partition dim (stride 1). No sequence parallelism in the fallback.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -32,18 +36,7 @@ from torch import nn
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
 from nxd_cp.comm import autograd as cg
-
-
-def _nxd_layers():
-    """(layers module, parallel_cross_entropy) of NxD when parallel_state delegates to NxD."""
-    if ps._nxd_parallel_state() is None:
-        return None
-    try:
-        from neuronx_distributed.parallel_layers import layers
-        from neuronx_distributed.parallel_layers.loss_functions import parallel_cross_entropy
-    except Exception:  # noqa: BLE001 - placeholder packages raise arbitrary errors
-        return None
-    return layers, parallel_cross_entropy
+from nxd_cp.loss import fallback_parallel_cross_entropy, parallel_cross_entropy  # noqa: F401
 
 
 def _no_sequence_parallel(enabled: bool, layer: str) -> None:
@@ -266,34 +259,6 @@ class FallbackParallelEmbedding(_TPLayer):
                 f"{self.end_index}), shard_across_embedding={self.shard_across_embedding}")
 
 
-def fallback_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor,
-                                    target: torch.Tensor) -> torch.Tensor:
-    """Per-token cross entropy of logits split by vocabulary over TP.
-
-    vocab_parallel_logits ``[..., V/tp]`` (rank r holds columns ``[r*V/tp, (r+1)*V/tp)``),
-    target ``[...]`` in ``[0, V)`` -> loss ``[...]`` (fp32), identical on every TP rank. The
-    gradient is the local slice of ``softmax - onehot``: the sums are reduced with
-    ``reduce_from_group`` whose backward is the identity, right because every TP rank computes
-    the same loss from them.
-    """
-    spec = ps.get_group_spec("tensor")
-    t = get_transport(spec, vocab_parallel_logits.device)
-    logits = vocab_parallel_logits.float()
-    per = logits.shape[-1]
-    # The max only stabilises the exponent; gathering [.., tp] maxima avoids a max all-reduce.
-    with torch.no_grad():
-        local_max = logits.max(dim=-1, keepdim=True).values
-        m = cg.gather_from_group(local_max, -1, t).max(dim=-1, keepdim=True).values
-    shifted = logits - m
-    sum_exp = cg.reduce_from_group(shifted.exp().sum(dim=-1), t)
-    start = spec.rank * per
-    inside = (target >= start) & (target < start + per)
-    local_t = torch.where(inside, target - start, torch.zeros_like(target))
-    picked = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)
-    picked = cg.reduce_from_group(picked * inside, t)
-    return sum_exp.log() - picked
-
-
 class _SumOverReplicas(torch.autograd.Function):
     """Identity forward; backward sums the gradient over the TP ranks that hold the same slot.
 
@@ -358,21 +323,71 @@ class ReplicatedKVLinear(_TPLayer):
                 f"head_dim={self.head_dim}, replicas={self.replicas}")
 
 
-_NXD = _nxd_layers()
-if _NXD is not None:
-    ColumnParallelLinear = _NXD[0].ColumnParallelLinear
-    RowParallelLinear = _NXD[0].RowParallelLinear
-    ParallelEmbedding = _NXD[0].ParallelEmbedding
-    parallel_cross_entropy = _NXD[1]
-else:
-    ColumnParallelLinear = FallbackColumnParallelLinear
-    RowParallelLinear = FallbackRowParallelLinear
-    ParallelEmbedding = FallbackParallelEmbedding
-    parallel_cross_entropy = fallback_parallel_cross_entropy
+def _nxd_layer_class(name: str, built: bool = False):
+    """NxD's layer class ``name``: when NxD is in charge, or (``built``) when NxD's layers are
+    already imported (for isinstance on a layer built earlier); else None."""
+    module = "neuronx_distributed.parallel_layers.layers"
+    if built:
+        return getattr(sys.modules[module], name) if module in sys.modules else None
+    if not ps.nxd_in_charge():
+        return None
+    return getattr(importlib.import_module(module), name)
 
-USING_NXD = _NXD is not None
+
+def _restore_padding_idx(layer: nn.Module, padding_idx: Optional[int]) -> nn.Module:
+    """Give NxD's ParallelEmbedding the ``padding_idx`` it drops when it is 0 (local index on
+    the TP rank holding that row; NxD's forward passes ``self.padding_idx`` to F.embedding)."""
+    if padding_idx is None or getattr(layer, "padding_idx", None) is not None:
+        return layer
+    if layer.shard_across_embedding:
+        layer.padding_idx = padding_idx
+    elif layer.start_index <= padding_idx < layer.end_index:
+        layer.padding_idx = padding_idx - layer.start_index
+    return layer
+
+
+class _NxDOrFallback(type):
+    """Metaclass of the public layer names: calling one builds NxD's layer when NxD is in charge
+    (asked at that moment), else the fallback; ``isinstance`` accepts both."""
+
+    def __call__(cls, *args, **kwargs):
+        nxd = _nxd_layer_class(cls.__name__)
+        if nxd is None:
+            return cls.fallback(*args, **kwargs)
+        layer = nxd(*args, **kwargs)
+        if cls.__name__ == "ParallelEmbedding":
+            bound = inspect.signature(nxd).bind_partial(*args, **kwargs).arguments
+            layer = _restore_padding_idx(layer, bound.get("padding_idx"))
+        return layer
+
+    def __instancecheck__(cls, obj):
+        nxd = _nxd_layer_class(cls.__name__, built=True)
+        return isinstance(obj, cls.fallback) or (nxd is not None and isinstance(obj, nxd))
+
+
+class ColumnParallelLinear(metaclass=_NxDOrFallback):
+    """NxD's ColumnParallelLinear when NxD is in charge, else ``FallbackColumnParallelLinear``."""
+    fallback = FallbackColumnParallelLinear
+
+
+class RowParallelLinear(metaclass=_NxDOrFallback):
+    """NxD's RowParallelLinear when NxD is in charge, else ``FallbackRowParallelLinear``."""
+    fallback = FallbackRowParallelLinear
+
+
+class ParallelEmbedding(metaclass=_NxDOrFallback):
+    """NxD's ParallelEmbedding (``padding_idx`` restored) when NxD is in charge, else
+    ``FallbackParallelEmbedding``."""
+    fallback = FallbackParallelEmbedding
+
+
+def __getattr__(name: str):
+    if name == "USING_NXD":  # read at each access: NxD is in charge or not at that moment
+        return ps.nxd_in_charge()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding",
            "parallel_cross_entropy", "USING_NXD", "FallbackColumnParallelLinear",
            "FallbackRowParallelLinear", "FallbackParallelEmbedding",
-           "fallback_parallel_cross_entropy"]
+           "fallback_parallel_cross_entropy", "ReplicatedKVLinear"]

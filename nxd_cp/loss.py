@@ -12,9 +12,14 @@ all-reduce of the loss sum has an identity backward: each rank back-propagates `
 its own tokens only, so its parameter gradients are its share of the full gradient and the CP
 gradients are *summed* (``nxd_cp.grads.allreduce_context_parallel_gradients``).
 
-NeuronX Distributed instead takes each CP rank's mean over its own tokens and averages the
-gradients over CP (``grad /= cp`` then sum): the unweighted mean of per-rank means. That equals
-the token-weighted loss only when every CP rank holds the same number of non-ignored tokens.
+With NxD's optimizer (``initialize_parallel_optimizer``), ``NxDOptimizer.step`` reduces the
+gradients itself to exactly that: it averages over CP, then sums over NxD's DP x CP group and
+divides by dp, a net *sum over CP* and mean over DP. So call no gradient reduction of
+``nxd_cp.grads`` then (see there).
+
+``parallel_cross_entropy`` is NxD's when NxD is in charge, called on an fp32 *copy* of the
+logits (NxD's subtracts the row max from its input in place, which would corrupt the model's
+``logits`` and break autograd), else ``fallback_parallel_cross_entropy``.
 """
 from __future__ import annotations
 
@@ -28,10 +33,57 @@ from nxd_cp.comm import get_transport
 from nxd_cp.comm import autograd as cg
 
 
+def fallback_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor,
+                                    target: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy of logits split by vocabulary over TP.
+
+    vocab_parallel_logits ``[..., V/tp]`` (rank r holds columns ``[r*V/tp, (r+1)*V/tp)``),
+    target ``[...]`` in ``[0, V)`` -> loss ``[...]`` (fp32), identical on every TP rank. The
+    gradient is the local slice of ``softmax - onehot``: the sums are reduced with
+    ``reduce_from_group`` whose backward is the identity, right because every TP rank computes
+    the same loss from them.
+    """
+    spec = ps.get_group_spec("tensor")
+    t = get_transport(spec, vocab_parallel_logits.device)
+    logits = vocab_parallel_logits.float()
+    per = logits.shape[-1]
+    # The max only stabilises the exponent; gathering [.., tp] maxima avoids a max all-reduce.
+    with torch.no_grad():
+        local_max = logits.max(dim=-1, keepdim=True).values
+        m = cg.gather_from_group(local_max, -1, t).max(dim=-1, keepdim=True).values
+    shifted = logits - m
+    sum_exp = cg.reduce_from_group(shifted.exp().sum(dim=-1), t)
+    start = spec.rank * per
+    inside = (target >= start) & (target < start + per)
+    local_t = torch.where(inside, target - start, torch.zeros_like(target))
+    picked = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)
+    picked = cg.reduce_from_group(picked * inside, t)
+    return sum_exp.log() - picked
+
+
+
+def parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Tensor,
+                           label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-token loss ``[...]`` (fp32) of logits ``[..., V/tp]`` split by vocabulary over TP.
+
+    NxD's ``parallel_cross_entropy`` when NxD is in charge, on an fp32 copy of the logits (it
+    modifies its input in place), so the caller's logits stay usable; else the fallback (which
+    has no label smoothing).
+    """
+    if ps.nxd_in_charge():
+        from neuronx_distributed.parallel_layers.loss_functions import \
+            parallel_cross_entropy as nxd_cross_entropy
+        logits = vocab_parallel_logits.to(torch.float32, copy=True)
+        return nxd_cross_entropy(logits, target, label_smoothing)
+    if label_smoothing:
+        raise NotImplementedError(f"label_smoothing={label_smoothing} needs NeuronX "
+                                  "Distributed's parallel_cross_entropy (the fallback has none)")
+    return fallback_parallel_cross_entropy(vocab_parallel_logits, target)
+
+
 def _per_token_loss(logits: torch.Tensor, target: torch.Tensor, vocab_parallel: bool):
     """Per-token loss ``[N]`` in fp32 of logits ``[N, V]`` (``[N, V/tp]`` if vocab-parallel)."""
     if vocab_parallel and ps.get_tensor_model_parallel_size() > 1:
-        from nxd_cp.layers import parallel_cross_entropy
         return parallel_cross_entropy(logits, target).float()
     return F.cross_entropy(logits.float(), target, reduction="none")
 

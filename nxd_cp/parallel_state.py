@@ -1,25 +1,39 @@
 """Parallel state with NxD's names: TP, CP, DP, DP x CP and PP groups of this rank.
 
-When a real ``neuronx_distributed`` with context parallelism is importable (Trainium), its
-``parallel_state`` builds the groups and this module reads them back, so there is one source of
-truth. Otherwise the groups are built here with ``torch.distributed.new_group`` from
-``nxd_cp.layout`` (NxD's layout: ``arange(world).reshape(pp, dp, cp, tp)``). Either way every
-group is also available as a ``GroupSpec`` (members, index, replica groups for XLA), which is
-what the CP algorithms take.
+THE one place that decides whether NeuronX Distributed (NxD) is in charge (``nxd_in_charge``),
+read lazily at every call, never at import time. NxD is in charge when its ``parallel_state``
+(with context parallelism) is importable, ``NXD_CP_DISABLE_NXD`` is not ``1``, and NxD can
+build groups here: the torch.distributed backend is ``xla`` (Trainium), or ``NXD_CPU_MODE=1``
+(NxD's CPU mode: gloo groups; without it NxD's ``initialize_model_parallel`` deadlocks off
+device). With NxD importable on any other backend (gloo / NCCL without ``NXD_CPU_MODE``), nxd_cp
+logs once why and uses its own groups.
 
-This module holds the only mutable module state of nxd_cp.
+NxD in charge: every getter reads NxD's live state (nothing copied at init; a re-initialisation
+by NxD's own ``neuronx_distributed_config`` is seen); DP x CP is NxD's expert-data-parallel group
+(where NxD's optimizer reduces gradients), checked to be the union of each CP group's DP groups.
+Otherwise groups are built here with ``new_group`` from ``nxd_cp.layout`` (NxD's layout). Every
+group is also a ``GroupSpec`` (members, index, XLA replica groups), what the CP algorithms take;
+``explicit_rank`` gives one rank of a world that does not run (XLA lowering). Groups inherit the
+world group's timeout (or ``initialize_model_parallel(timeout=...)``) on both paths. This module
+holds the only mutable module state of nxd_cp.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import functools
+import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
 from nxd_cp.comm.base import GroupSpec
-from nxd_cp.layout import ParallelLayout, ring_pairs
+from nxd_cp.layout import ParallelLayout, rank_ring_pairs, ring_pairs, union_groups
+from nxd_cp.process_groups import new_group_timeout, platform_target, world_timeout
 
+logger = logging.getLogger(__name__)
 _KINDS = ("tensor", "context", "data", "data_context", "pipeline")
 
 
@@ -27,135 +41,219 @@ _KINDS = ("tensor", "context", "data", "data_context", "pipeline")
 class _State:
     layout: ParallelLayout
     specs: Dict[str, GroupSpec]
-    backend: str  # "nxd" or "nxd_cp"
+    backend: str  # "nxd_cp" (own groups) or "explicit" (explicit_rank, no process groups)
+    rank: int
     owned_groups: List[Any] = field(default_factory=list)
 
 
-_STATE: Optional[_State] = None
+_STATE: Optional[_State] = None  # nxd_cp's own groups or explicit_rank; None when NxD rules
+_NXD_SPECS: Dict[str, Tuple[Any, Any, GroupSpec]] = {}  # kind -> (NxD group, NxD mesh, spec)
+_LOGGED: set = set()
 
 
-def _nxd_parallel_state():
-    """NxD's parallel_state module when a real NxD with CP support is importable, else None.
-
-    PyPI's ``neuronx-distributed`` is a placeholder that raises on import, hence the broad
-    except. ``NXD_CP_DISABLE_NXD=1`` forces nxd_cp's own groups.
-    """
-    if os.environ.get("NXD_CP_DISABLE_NXD") == "1":
-        return None
+# --- the decision ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _import_nxd():
+    """NxD's parallel_state module if a real NxD with CP is importable, else None (PyPI's
+    ``neuronx-distributed`` is a placeholder that raises on import, hence the broad except)."""
     try:
         from neuronx_distributed.parallel_layers import parallel_state as nps
-    except Exception:  # noqa: BLE001 - placeholder packages raise arbitrary errors
+    except Exception:  # noqa: BLE001
         return None
     return nps if hasattr(nps, "get_context_model_parallel_group") else None
 
 
-def _union_groups(outer: List[List[int]], inner: List[List[int]]) -> List[List[int]]:
-    """Groups that join, for each group of ``outer``, the ``inner`` groups of its members."""
-    result = []
-    for g in outer:
-        members = sorted({r for m in g for ig in inner if m in ig for r in ig})
-        if members not in result:
-            result.append(members)
-    return result
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        logger.warning(msg)
+
+
+def _nxd_cpu_mode() -> bool:
+    try:
+        return int(os.environ.get("NXD_CPU_MODE", "0")) > 0  # NxD's own rule
+    except ValueError:
+        return False
+
+
+def _usable_nxd():
+    """NxD's parallel_state if NxD can be in charge in this process, else None."""
+    if os.environ.get("NXD_CP_DISABLE_NXD") == "1":
+        return None
+    nps = _import_nxd()
+    if nps is None or _nxd_cpu_mode():
+        return nps
+    if dist.is_available() and dist.is_initialized():
+        backend = dist.get_backend()
+        if backend == "xla":
+            return nps
+        _log_once(f"nxd_cp: NeuronX Distributed is importable but the torch.distributed backend "
+                  f"is {backend!r} and NXD_CPU_MODE is not 1: NxD cannot build groups here "
+                  "(it would deadlock), so nxd_cp uses its own groups and layers. Set "
+                  "NXD_CPU_MODE=1 to run NxD's code on CPU (gloo).")
+        return None
+    return nps if os.environ.get("PJRT_DEVICE", "").upper() == "NEURON" else None
+
+
+def nxd_in_charge() -> bool:
+    """True when NxD's parallel state, layers and cross entropy are the ones used (see the
+    module docstring for the rule); False inside ``explicit_rank`` and with nxd_cp's groups."""
+    return _STATE is None and _usable_nxd() is not None
+
+
+def _nxd_live():
+    """NxD's parallel_state when it is in charge and initialised, else None."""
+    if _STATE is not None:
+        return None
+    nps = _usable_nxd()
+    return nps if nps is not None and nps.model_parallel_is_initialized() else None
+
+
+# --- initialisation -------------------------------------------------------------------------
+def _layout(world, tp, cp, pp, lnc_size) -> ParallelLayout:
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return ParallelLayout(world, tp, cp, pp, platform=platform_target(), lnc_size=lnc_size,
+                          local_world_size=int(local) if local else None)
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
-                              context_parallel_size: int = 1) -> None:
-    """Build the groups of this rank. Every rank of the world must call it, with the same sizes.
+                              context_parallel_size: int = 1,
+                              expert_model_parallel_size: int = 1,
+                              skip_collective_init: bool = False,
+                              lnc_size: int = 1,
+                              mesh_only: bool = False,
+                              timeout: Optional[datetime.timedelta] = None):
+    """Build the groups of this rank (NxD's signature, plus ``timeout``). Every rank of the world
+    must call it, with the same sizes. With ``mesh_only=True`` returns NxD's ``ParallelGroups``
+    (rank lists) and builds nothing.
 
+    timeout: of every group's collectives; None: the world group's (``init_process_group``'s).
     Raises ``RuntimeError`` when torch.distributed is not initialised or the state already is,
-    ``ValueError`` when a size is < 1 or the world size is not divisible by tp * cp * pp.
+    ``ValueError`` for sizes NxD refuses (see ``nxd_cp.layout``), ``NotImplementedError`` for
+    expert parallelism.
     """
     global _STATE
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call "
                            "torch.distributed.init_process_group() (torchrun sets the "
                            "environment) before initialize_model_parallel()")
-    if _STATE is not None:
+    if expert_model_parallel_size != 1:
+        raise NotImplementedError(f"expert_model_parallel_size={expert_model_parallel_size} is "
+                                  "not supported by nxd_cp (use 1)")
+    if timeout is not None and not isinstance(timeout, datetime.timedelta):
+        raise ValueError(f"timeout={timeout!r} must be a datetime.timedelta or None")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    layout = _layout(world, tensor_model_parallel_size, context_parallel_size,
+                     pipeline_model_parallel_size, lnc_size)
+    if mesh_only:
+        return layout.mesh()
+    if model_parallel_is_initialized():
         raise RuntimeError("model parallel state is already initialized; call "
                            "destroy_model_parallel() first")
-    world, rank = dist.get_world_size(), dist.get_rank()
-    layout = ParallelLayout(world, tensor_model_parallel_size, context_parallel_size,
-                            pipeline_model_parallel_size)
-    nps = _nxd_parallel_state()
+    timeout = timeout or world_timeout()
+    nps = _usable_nxd()
     if nps is not None:
-        _STATE = _from_nxd(nps, layout, rank)
-        return
-    all_groups = {
-        "tensor": layout.tensor_parallel_groups(),
-        "context": layout.context_parallel_groups(),
-        "data": layout.data_parallel_groups(),
-        "data_context": layout.data_context_parallel_groups(),
-        "pipeline": layout.pipeline_parallel_groups(),
-    }
+        with new_group_timeout(timeout):
+            nps.initialize_model_parallel(
+                tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+                context_parallel_size=layout.cp, skip_collective_init=skip_collective_init,
+                lnc_size=lnc_size)
+        get_group_spec("data_context")  # fail early if NxD's DP x CP is not the union
+        return None
     specs, owned = {}, []
-    for kind in _KINDS:
+    for kind, groups in layout.groups().items():
         mine = None
         # new_group is collective over the world: every rank creates every group, in order.
-        for g in all_groups[kind]:
-            pg = dist.new_group(ranks=g)
+        for g in groups:
+            pg = dist.new_group(ranks=g, timeout=timeout)
             owned.append(pg)
             if rank in g:
                 mine = pg
-        specs[kind] = GroupSpec.explicit(all_groups[kind], rank, mine)
-    _STATE = _State(layout, specs, "nxd_cp", owned)
+        specs[kind] = GroupSpec.explicit(groups, rank, mine)
+    _STATE = _State(layout, specs, "nxd_cp", rank, owned)
+    return None
 
 
-def _from_nxd(nps, layout: ParallelLayout, rank: int) -> _State:
-    nps.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        context_parallel_size=layout.cp)
-    getters = {"tensor": nps.get_tensor_model_parallel_group,
-               "context": nps.get_context_model_parallel_group,
-               "data": nps.get_data_parallel_group,
-               "pipeline": nps.get_pipeline_model_parallel_group}
-    specs = {k: GroupSpec.explicit(f(as_list=True), rank, f()) for k, f in getters.items()}
-    # NxD has no DP x CP group: join the DP groups of the members of each CP group.
-    dpcp = _union_groups(specs["context"].all_groups, specs["data"].all_groups)
-    owned, mine = [], None
-    for g in dpcp:
-        pg = dist.new_group(ranks=g)
-        owned.append(pg)
-        if rank in g:
-            mine = pg
-    specs["data_context"] = GroupSpec.explicit(dpcp, rank, mine)
-    return _State(layout, specs, "nxd", owned)
+@contextlib.contextmanager
+def explicit_rank(world_size: int, rank: int, tensor_model_parallel_size: int = 1,
+                  context_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
+    """Parallel state of one global rank of a world that does not run: every group as a
+    GroupSpec with process_group=None (for lowering XLA graphs per rank in one process,
+    without torch.distributed). Restores the previous state on exit."""
+    global _STATE
+    layout = _layout(world_size, tensor_model_parallel_size, context_parallel_size,
+                     pipeline_model_parallel_size, 1)
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank!r} must be an integer in [0, world_size={world_size})")
+    specs = {k: GroupSpec.explicit(g, rank, None) for k, g in layout.groups().items()}
+    previous, _STATE = _STATE, _State(layout, specs, "explicit", rank)
+    try:
+        yield
+    finally:
+        _STATE = previous
 
 
-def model_parallel_is_initialized() -> bool:
-    return _STATE is not None
+def model_parallel_is_initialized() -> bool:  # NxD's name
+    return _STATE is not None or _nxd_live() is not None
 
 
 def destroy_model_parallel() -> None:
-    """Forget the groups (and destroy the ones nxd_cp created). Safe to call when not set."""
+    """Forget the groups (destroying those nxd_cp created; NxD's through NxD). Safe when unset."""
     global _STATE
+    _NXD_SPECS.clear()
     if _STATE is None:
-        return
-    if _STATE.backend == "nxd":
-        nps = _nxd_parallel_state()
+        nps = _nxd_live()
         if nps is not None:
             nps.destroy_model_parallel()
+        return
     if dist.is_initialized():
         for pg in _STATE.owned_groups:
             dist.destroy_process_group(pg)
     _STATE = None
 
 
-def _state() -> _State:
-    if _STATE is None:
-        raise RuntimeError("model parallel state is not initialized: call "
-                           "nxd_cp.parallel_state.initialize_model_parallel(...) first")
-    return _STATE
+# --- GroupSpecs -----------------------------------------------------------------------------
+def _not_initialized() -> RuntimeError:
+    return RuntimeError("model parallel state is not initialized: call "
+                        "nxd_cp.parallel_state.initialize_model_parallel(...) first")
+
+_NXD_GETTERS = {"tensor": "get_tensor_model_parallel_group",
+                "context": "get_context_model_parallel_group",
+                "data": "get_data_parallel_group",
+                "pipeline": "get_pipeline_model_parallel_group",
+                "data_context": "get_expert_data_parallel_group"}
+
+
+def _nxd_spec(nps, kind: str) -> GroupSpec:
+    """The spec of NxD's live group ``kind``, rebuilt whenever NxD's group objects change."""
+    getter = getattr(nps, _NXD_GETTERS[kind])
+    pg, mesh = getter(), getter(as_list=True)
+    cached = _NXD_SPECS.get(kind)
+    if cached is not None and cached[0] is pg and cached[1] is mesh:
+        return cached[2]
+    if kind == "data_context":
+        union = union_groups(nps.get_context_model_parallel_replica_groups(),
+                             nps.get_data_parallel_replica_groups())
+        if sorted(map(sorted, mesh)) != sorted(union):
+            raise RuntimeError(f"NxD's expert-data-parallel groups {mesh} are not its DP x CP "
+                               f"groups {union} on this layout: NxD's optimizer would reduce "
+                               "gradients over the wrong ranks; nxd_cp does not support it")
+    spec = GroupSpec.explicit(mesh, dist.get_rank(), pg)
+    _NXD_SPECS[kind] = (pg, mesh, spec)
+    return spec
 
 
 def get_group_spec(kind: str) -> GroupSpec:
-    """The ``GroupSpec`` of this rank for ``kind`` in tensor, context, data, data_context,
-    pipeline."""
+    """This rank's ``GroupSpec`` of ``kind``: tensor, context, data, data_context, pipeline."""
     if kind not in _KINDS:
         raise ValueError(f"kind={kind!r} must be one of {_KINDS}")
-    return _state().specs[kind]
+    if _STATE is not None:
+        return _STATE.specs[kind]
+    nps = _nxd_live()
+    if nps is None:
+        raise _not_initialized()
+    return _nxd_spec(nps, kind)
 
 
 def resolve_group(group=None, kind: str = "context") -> GroupSpec:
@@ -171,83 +269,110 @@ def resolve_group(group=None, kind: str = "context") -> GroupSpec:
     if isinstance(group, GroupSpec):
         return group
     ranks = tuple(dist.get_process_group_ranks(group))
-    if _STATE is not None:
-        for spec in _STATE.specs.values():
+    if model_parallel_is_initialized():
+        for k in _KINDS:
+            spec = get_group_spec(k)
             if spec.ranks == ranks:
                 return GroupSpec(spec.ranks, spec.rank, spec.all_groups, group)
     return GroupSpec.explicit([ranks], dist.get_rank(), group)
 
 
 def get_layout() -> ParallelLayout:
-    return _state().layout
+    """The layout (sizes and groups); with NxD in charge, built from NxD's live sizes."""
+    if _STATE is not None:
+        return _STATE.layout
+    if _nxd_live() is None:
+        raise _not_initialized()
+    return _layout(dist.get_world_size(), get_tensor_model_parallel_size(),
+                   get_context_model_parallel_size(), get_pipeline_model_parallel_size(), 1)
 
 
-def _group(kind: str, as_list: bool):
-    spec = get_group_spec(kind)
-    return [list(g) for g in spec.all_groups] if as_list else spec.process_group
+def _delegate(nxd_name: str, kind: str, what: str, *args):
+    """NxD's getter ``nxd_name`` when NxD is in charge, else ``what`` of nxd_cp's spec."""
+    if _STATE is None:
+        nps = _nxd_live()
+        if nps is None:
+            raise _not_initialized()
+        return getattr(nps, nxd_name)(*args)
+    spec = _STATE.specs[kind]
+    if what == "group":
+        return [list(g) for g in spec.all_groups] if args and args[0] else spec.process_group
+    if what == "groups":
+        return [list(g) for g in spec.all_groups]
+    return spec.rank if what == "rank" else spec.size
 
 
-# --- context parallel ---------------------------------------------------------------------------
+# --- context parallel -----------------------------------------------------------------------
 def get_context_model_parallel_group(as_list: bool = False):
-    """This rank's CP ProcessGroup, or with ``as_list=True`` every CP group as rank lists."""
-    return _group("context", as_list)
+    """This rank's CP ProcessGroup (``as_list=True``: every CP group as rank lists)."""
+    return _delegate("get_context_model_parallel_group", "context", "group", as_list)
 
 
 def get_context_model_parallel_rank() -> int:
-    return get_group_spec("context").rank
+    return _delegate("get_context_model_parallel_rank", "context", "rank")
 
 
 def get_context_model_parallel_size() -> int:
-    return get_group_spec("context").size
+    return _delegate("get_context_model_parallel_size", "context", "size")
 
 
 def get_context_model_parallel_replica_groups() -> List[List[int]]:
-    return _group("context", True)
+    return _delegate("get_context_model_parallel_replica_groups", "context", "groups")
 
 
-def get_context_model_parallel_src_tgt_pairs() -> List[List[int]]:
-    """Source -> target global-rank pairs of the CP ring (+1 direction), all CP groups, as
-    ``xm.collective_permute`` takes them."""
-    return ring_pairs(get_context_model_parallel_replica_groups(), 1)
+def get_context_model_parallel_src_tgt_pairs() -> List[Tuple[int, int]]:
+    """NxD's meaning: the +1 ring pairs of *this rank's* CP group, sorted ``(src, tgt)``
+    tuples (``[(0, 2), (2, 0)]`` for TP2xCP2 rank 0; ``[(r, r)]`` when cp == 1)."""
+    if _STATE is None:
+        return _delegate("get_context_model_parallel_src_tgt_pairs", "context", "")
+    return rank_ring_pairs(get_context_model_parallel_replica_groups(), _STATE.rank)
 
 
-# --- tensor parallel ----------------------------------------------------------------------------
+def get_context_model_parallel_ring_pairs(direction: int = 1) -> List[List[int]]:
+    """Source -> target pairs of a one-step ring shift in *every* CP group, as
+    ``xm.collective_permute`` takes them (the XLA transport's pairs)."""
+    return ring_pairs(get_context_model_parallel_replica_groups(), direction)
+
+
+# --- tensor parallel ------------------------------------------------------------------------
 def get_tensor_model_parallel_group(as_list: bool = False):
-    return _group("tensor", as_list)
+    return _delegate("get_tensor_model_parallel_group", "tensor", "group", as_list)
 
 
 def get_tensor_model_parallel_rank() -> int:
-    return get_group_spec("tensor").rank
+    return _delegate("get_tensor_model_parallel_rank", "tensor", "rank")
 
 
 def get_tensor_model_parallel_size() -> int:
-    return get_group_spec("tensor").size
+    return _delegate("get_tensor_model_parallel_size", "tensor", "size")
 
 
 def get_tensor_model_parallel_replica_groups() -> List[List[int]]:
-    return _group("tensor", True)
+    return _delegate("get_tensor_model_parallel_replica_groups", "tensor", "groups")
 
 
-# --- data parallel (excludes CP, as in NxD) ------------------------------------------------------
+# --- data parallel (excludes CP, as in NxD) -------------------------------------------------
 def get_data_parallel_group(as_list: bool = False):
-    return _group("data", as_list)
+    return _delegate("get_data_parallel_group", "data", "group", as_list)
 
 
 def get_data_parallel_rank() -> int:
-    return get_group_spec("data").rank
+    return _delegate("get_data_parallel_rank", "data", "rank")
 
 
 def get_data_parallel_size() -> int:
-    return get_group_spec("data").size
+    return _delegate("get_data_parallel_size", "data", "size")
 
 
 def get_data_parallel_replica_groups() -> List[List[int]]:
-    return _group("data", True)
+    return _delegate("get_data_parallel_replica_groups", "data", "groups")
 
 
-# --- data x context parallel (gradient reduction of a CP model) ---------------------------------
+# --- data x context parallel (gradient reduction; NxD's expert-data-parallel group) -------
 def get_data_context_parallel_group(as_list: bool = False):
-    return _group("data_context", as_list)
+    if _STATE is None:
+        get_group_spec("data_context")  # checks NxD's group is the DP x CP union
+    return _delegate("get_expert_data_parallel_group", "data_context", "group", as_list)
 
 
 def get_data_context_parallel_rank() -> int:
@@ -258,14 +383,18 @@ def get_data_context_parallel_size() -> int:
     return get_group_spec("data_context").size
 
 
-# --- pipeline parallel --------------------------------------------------------------------------
+# --- pipeline parallel ----------------------------------------------------------------------
 def get_pipeline_model_parallel_group(as_list: bool = False):
-    return _group("pipeline", as_list)
+    return _delegate("get_pipeline_model_parallel_group", "pipeline", "group", as_list)
 
 
 def get_pipeline_model_parallel_rank() -> int:
-    return get_group_spec("pipeline").rank
+    return _delegate("get_pipeline_model_parallel_rank", "pipeline", "rank")
 
 
 def get_pipeline_model_parallel_size() -> int:
-    return get_group_spec("pipeline").size
+    return _delegate("get_pipeline_model_parallel_size", "pipeline", "size")
+
+
+def get_pipeline_model_parallel_replica_groups() -> List[List[int]]:
+    return _delegate("get_pipeline_model_parallel_replica_groups", "pipeline", "groups")

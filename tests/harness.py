@@ -7,6 +7,9 @@ scenario that does not finish within ``timeout`` seconds is a failure that print
 Python stack (faulthandler on SIGUSR1) and kills the processes, never a stuck CI.
 
 ``fn`` must be a module-level function of an importable module (spawn pickles it by name).
+``sys_path`` / ``env`` are prepended to ``sys.path`` / set in the ranks only (the NxD tests make
+NeuronX Distributed importable there and nowhere else); ``pg_timeout`` (seconds) is the world
+group's timeout.
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ import os
 import queue
 import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List, Optional
 
 
 def free_port() -> int:
@@ -28,10 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank, world_size, port, args, results, stack_dir, threads):
+def _child(fn, rank, world_size, port, args, results, stack_dir, threads, options):
     stack_file = open(os.path.join(stack_dir, f"rank{rank}.txt"), "w")
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     try:
+        sys.path[:0] = options.get("sys_path") or []
+        os.environ.update(options.get("env") or {})
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                           GLOO_SOCKET_IFNAME="lo")
@@ -39,7 +45,11 @@ def _child(fn, rank, world_size, port, args, results, stack_dir, threads):
         import torch.distributed as dist
 
         torch.set_num_threads(threads)
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        kwargs = {}
+        if options.get("pg_timeout"):
+            import datetime
+            kwargs["timeout"] = datetime.timedelta(seconds=options["pg_timeout"])
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, **kwargs)
         try:
             out = fn(rank, world_size, *args)
         finally:
@@ -52,14 +62,18 @@ def _child(fn, rank, world_size, port, args, results, stack_dir, threads):
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240,
-              threads: int = 1) -> List[Any]:
+              threads: int = 1, sys_path: Optional[List[str]] = None,
+              env: Optional[Dict[str, str]] = None,
+              pg_timeout: Optional[float] = None) -> List[Any]:
     """Return ``[fn(0, world_size, *args), ..., fn(world_size-1, ...)]`` run on real ranks."""
+    options = {"sys_path": sys_path, "env": env, "pg_timeout": pg_timeout}
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="nxd_cp_ranks_") as stack_dir:
         procs = [ctx.Process(target=_child, daemon=True,
-                             args=(fn, r, world_size, port, args, results, stack_dir, threads))
+                             args=(fn, r, world_size, port, args, results, stack_dir, threads,
+                                   options))
                  for r in range(world_size)]
         for p in procs:
             p.start()
@@ -113,6 +127,9 @@ def _hung_report(procs, stack_dir, timeout, outs, errors) -> str:
              f"failed ranks: {sorted(errors)}"]
     for r in range(len(procs)):
         path = os.path.join(stack_dir, f"rank{r}.txt")
+        if not os.path.exists(path):  # a loaded machine may not have started the rank yet
+            parts.append(f"--- rank {r} stack ---\n(not started)")
+            continue
         with open(path) as f:
             parts.append(f"--- rank {r} stack ---\n{f.read().strip() or '(finished)'}")
     return "\n".join(parts)

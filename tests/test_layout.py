@@ -66,3 +66,27 @@ def test_bad_sizes(kwargs, match):
 def test_ring_pairs_direction_checked():
     with pytest.raises(ValueError, match="direction=2"):
         ring_pairs([[0, 1]], 2)
+
+
+def test_trn1_tp4_layout_and_refusals():
+    """NxD's trn1 TP=4 layout: TP groups strided inside a node (golden lists from NxD's
+    parallel_state.py comment for 2 nodes of 32 cores); refused with CP > 1, as NxD does."""
+    lay = ParallelLayout(64, 4, platform="trn1", local_world_size=32)
+    assert lay.tensor_parallel_groups()[:2] == [[0, 8, 16, 24], [1, 9, 17, 25]]
+    assert lay.tensor_parallel_groups()[8] == [32, 40, 48, 56]
+    assert lay.data_parallel_groups()[0] == [0, 1, 2, 3, 4, 5, 6, 7, 32, 33, 34, 35, 36, 37,
+                                             38, 39]
+    assert ParallelLayout(64, 4).tensor_parallel_groups()[0] == [0, 1, 2, 3]  # off Neuron
+    with pytest.raises(ValueError, match="tensor_model_parallel_size=4 with "
+                       "context_parallel_size=8 is refused by NxD on trn1"):
+        ParallelLayout(32, 4, 8, platform="trn1", local_world_size=32)
+    with pytest.raises(ValueError, match="larger than world_size=4"):
+        ParallelLayout(4, 8)
+
+
+def test_trn2_tp64_layout():
+    """NxD's trn2 LOGIC2 for TP=64 on 64 ranks: rows 0 and 3, then rows 1 and 2."""
+    lay = ParallelLayout(64, 64, platform="trn2")
+    assert lay.tensor_parallel_groups() == [list(range(16)) + list(range(48, 64)) +
+                                            list(range(16, 48))]
+    assert lay.context_parallel_groups()[16] == [48]

@@ -1,6 +1,9 @@
 """torch.distributed transport: NCCL on CUDA, gloo on CPU.
 
 Collectives work on dim 0 of contiguous buffers; other dims are moved to the front and back.
+Every result is contiguous, as NCCL / gloo and the XLA transport give them: callers (NxD's
+linear backward ``grad_output.view(...)``, which receives all-gather attention's dK/dV) may
+``view`` them.
 The ring shift is one ``batch_isend_irecv`` (send to the next rank, receive from the previous)
 whose handles the caller waits on after computing, so communication overlaps compute.
 """
@@ -30,7 +33,7 @@ class TorchDistTransport(Transport):
         front = x.movedim(dim, 0).contiguous()
         out = torch.empty((n * front.shape[0],) + front.shape[1:], dtype=x.dtype, device=x.device)
         dist.all_gather_into_tensor(out, front, group=self.pg)
-        return out.movedim(0, dim)
+        return out.movedim(0, dim).contiguous()
 
     def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         n = self.size
@@ -42,7 +45,7 @@ class TorchDistTransport(Transport):
         out = torch.empty((front.shape[0] // n,) + front.shape[1:], dtype=x.dtype,
                           device=x.device)
         dist.reduce_scatter_tensor(out, front, op=dist.ReduceOp.SUM, group=self.pg)
-        return out.movedim(0, dim)
+        return out.movedim(0, dim).contiguous()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:

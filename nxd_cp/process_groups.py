@@ -1,0 +1,54 @@
+"""Process-group helpers of ``parallel_state``: the world group's timeout, a default timeout for
+groups that other code (NxD) creates, and NxD's platform target.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+from typing import Optional
+
+import torch.distributed as dist
+
+
+def platform_target() -> Optional[str]:
+    """NxD's platform target (its layout depends on it), None off Neuron."""
+    try:
+        from torch_neuronx.utils import get_platform_target
+        return get_platform_target()
+    except Exception:  # noqa: BLE001 - absent off Neuron
+        return None
+
+
+def world_timeout() -> Optional[datetime.timedelta]:
+    """The timeout of the default (world) process group, None if it cannot be read."""
+    try:
+        pg = dist.distributed_c10d._get_default_group()
+        for dev in pg._device_types:
+            t = getattr(getattr(pg._get_backend(dev), "options", None), "_timeout", None)
+            if isinstance(t, datetime.timedelta):
+                return t
+    except Exception:  # noqa: BLE001 - private API; torch's default applies then
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def new_group_timeout(timeout: Optional[datetime.timedelta]):
+    """Make ``torch.distributed.new_group`` default to ``timeout`` while NxD builds its groups
+    (NxD's ``new_group`` calls pass none, so they would get torch's 30-minute default)."""
+    if timeout is None:
+        yield
+        return
+    original = dist.new_group
+
+    @functools.wraps(original)
+    def new_group(*args, **kwargs):
+        kwargs.setdefault("timeout", timeout)
+        return original(*args, **kwargs)
+
+    dist.new_group = new_group
+    try:
+        yield
+    finally:
+        dist.new_group = original

@@ -1,0 +1,301 @@
+"""nxd_cp with NeuronX Distributed's REAL code in charge (../shared/nxd, NXD_CPU_MODE=1, gloo).
+
+Only the spawned ranks import NxD (tests/nxd_source.py). Two spawns: one 4-rank world (parallel
+state and every getter against NxD's own, group timeouts, NxD's re-initialisation, then transform
+at TP2xCP2, TP1xCP4, TP4xCP1 and the training loop with NxD's optimizer) and one 8-rank world
+(TP2xCP2xDP2, and NxD's optimizer over DP x CP). Model cases reuse tests/test_models.py's
+``run_case`` (reference: the unmodified transformers model on rank 0) with one AdamW step.
+"""
+import datetime
+
+import pytest
+import torch
+
+import test_models as tm
+from harness import run_ranks
+from nxd_source import NXD_RANKS, requires_nxd
+
+pytestmark = requires_nxd
+PG_TIMEOUT = 120  # seconds: the world group's timeout, which every group must inherit
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank side
+# ---------------------------------------------------------------------------------------------
+def _ranks(group):
+    import torch.distributed as dist
+    return dist.get_process_group_ranks(group)
+
+
+def _timeout(group):
+    backend = group._get_backend(torch.device("cpu"))
+    return backend.options._timeout.total_seconds()
+
+
+def compare_state():
+    """(ours, NxD's) for every getter of nxd_cp.parallel_state with an NxD counterpart."""
+    from neuronx_distributed.parallel_layers import parallel_state as nps
+    from nxd_cp import parallel_state as ps
+
+    out = {}
+    for ours, theirs in (("tensor_model_parallel", "tensor_model_parallel"),
+                         ("context_model_parallel", "context_model_parallel"),
+                         ("data_parallel", "data_parallel"),
+                         ("pipeline_model_parallel", "pipeline_model_parallel"),
+                         ("data_context_parallel", "expert_data_parallel")):
+        g, ng = getattr(ps, f"get_{ours}_group")(), getattr(nps, f"get_{theirs}_group")()
+        out[f"{ours}_group_is_nxds"] = (g is ng, True)
+        out[f"{ours}_as_list"] = (getattr(ps, f"get_{ours}_group")(as_list=True),
+                                  getattr(nps, f"get_{theirs}_group")(as_list=True))
+        for what in ("rank", "size"):
+            out[f"{ours}_{what}"] = (getattr(ps, f"get_{ours}_{what}")(),
+                                     getattr(nps, f"get_{theirs}_{what}")())
+        if ours != "data_context_parallel":
+            out[f"{ours}_replica_groups"] = (
+                getattr(ps, f"get_{ours}_replica_groups")(),
+                getattr(nps, f"get_{theirs}_replica_groups")())
+        kind = {"tensor_model_parallel": "tensor", "context_model_parallel": "context",
+                "data_parallel": "data", "pipeline_model_parallel": "pipeline",
+                "data_context_parallel": "data_context"}[ours]
+        spec = ps.get_group_spec(kind)
+        out[f"{ours}_spec"] = (list(spec.ranks), _ranks(ng))
+        out[f"{ours}_timeout"] = (_timeout(g), float(PG_TIMEOUT))
+    out["src_tgt_pairs"] = (ps.get_context_model_parallel_src_tgt_pairs(),
+                            nps.get_context_model_parallel_src_tgt_pairs())
+    out["initialized"] = (ps.model_parallel_is_initialized(), nps.model_parallel_is_initialized())
+    return out
+
+
+def vocab_parallel_logits(arch):
+    """Vocab-parallel logits after the loss: unchanged (NxD's cross entropy modifies its input
+    in place) and equal to the reference's for this rank's tokens and vocabulary slice."""
+    from nxd_cp import parallel_state as ps
+    from nxd_cp.data import get_batch_on_this_context_parallel_rank
+    from nxd_cp.models import transform
+    from nxd_cp.sharding import shard_sequence
+
+    model = transform(tm.make_model(arch), "p2p", vocab_parallel_logits=True)
+    batch = tm.make_batch(5, padded=True)
+    out = model(**get_batch_on_this_context_parallel_rank(batch))
+    before = out.logits.detach().clone()
+    out.loss.backward(retain_graph=True)
+    (out.logits.float() ** 2).mean().backward()  # the logits are still usable by autograd
+    ref = tm.make_model(arch)(input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"]).logits.detach()
+    ref = shard_sequence(ref, 1, ps.get_context_model_parallel_rank(),
+                         ps.get_context_model_parallel_size(), "zigzag")
+    ref = ref.chunk(ps.get_tensor_model_parallel_size(), dim=-1)[
+        ps.get_tensor_model_parallel_rank()]
+    return {"unchanged": torch.equal(before, out.logits.detach()),
+            "rel_err": tm.rel(out.logits.detach(), ref)}
+
+
+def nxd_optimizer_loop(arch, comm, padded):
+    """The README loop with NxD's initialize_parallel_optimizer: its step reduces the gradients
+    (nxd_cp's reduction refuses it); the reduced gradients against the reference's."""
+    import torch.distributed as dist
+    from neuronx_distributed.trainer import initialize_parallel_optimizer
+
+    import nxd_cp
+    from nxd_cp import parallel_state as ps
+    from nxd_cp.models import full_gradients
+
+    cfg = nxd_cp.neuronx_distributed_config(
+        tensor_parallel_size=ps.get_tensor_model_parallel_size(),
+        context_parallel_size=ps.get_context_model_parallel_size(),
+        optimizer_config={"zero_one_enabled": False, "grad_clipping": False})
+    model = nxd_cp.transform(tm.make_model(arch), cp_comm_type=comm)
+    opt = initialize_parallel_optimizer(cfg, torch.optim.AdamW, model.parameters(), lr=tm.LR)
+    dp, dp_rank = ps.get_data_parallel_size(), ps.get_data_parallel_rank()
+    batches = [tm.make_batch(200 + d, padded) for d in range(dp)]
+    loss = model(**nxd_cp.get_batch_on_this_context_parallel_rank(batches[dp_rank])).loss
+    loss.backward()
+    try:
+        nxd_cp.allreduce_context_parallel_gradients(opt)
+        refused = "no error"
+    except RuntimeError as e:
+        refused = str(e)
+    opt.step()  # reduces the gradients in place (net: sum over CP, mean over DP), then steps
+    grads = full_gradients(model)
+    res = {"refused": refused, "loss": loss.item()}
+    if dist.get_rank() == 0:
+        ref = tm.make_model(arch)
+        losses = [ref(**b).loss for b in batches]
+        torch.stack(losses).mean().backward()
+        res["ref_loss"] = [x.item() for x in losses]
+        res["grad_err"] = {n: tm.rel(grads[n], p.grad) for n, p in ref.named_parameters()}
+    return res
+
+
+def _key(tp, cp, dp, arch, comm, opts):
+    return f"tp{tp}cp{cp}" + (f"dp{dp}" if dp > 1 else "") + f"-{arch}-{comm}" + "".join(
+        f"-{k}" for k in sorted(opts))
+
+
+def _run_plans(plans, dp=1):
+    from nxd_cp import parallel_state as ps
+
+    tm.STEPS = 1  # one AdamW step per case: the budget of the NxD suite (state in this rank)
+    results = {}
+    for (tp, cp), cases in plans.items():
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+        for arch, comm, opts in cases:
+            if opts.get("nxd_optimizer"):
+                results["optim-" + _key(tp, cp, dp, arch, comm, {})] = nxd_optimizer_loop(
+                    arch, comm, padded=True)
+            else:
+                results[_key(tp, cp, dp, arch, comm, opts)] = tm.run_case(arch, comm, **opts)
+        if (tp, cp) == (2, 2) and dp == 1:
+            results["vocab_logits"] = vocab_parallel_logits("llama")
+        ps.destroy_model_parallel()
+    return results
+
+
+def four_rank_nxd(rank, world):
+    from neuronx_distributed.trainer import neuronx_distributed_config as nxd_config
+
+    from nxd_cp import layers as L
+    from nxd_cp import parallel_state as ps
+
+    import os
+    os.environ["NXD_CPU_MODE"] = "0"  # gloo without NxD's CPU mode: NxD would deadlock
+    out = {"in_charge_without_cpu_mode": ps.nxd_in_charge()}
+    os.environ["NXD_CPU_MODE"] = "1"
+    out["in_charge_before_init"] = ps.nxd_in_charge()
+    ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
+    out["state_tp2cp2"] = compare_state()
+    layer = L.ColumnParallelLinear(8, 8, gather_output=False)
+    emb = L.ParallelEmbedding(16, 8, padding_idx=0)
+    out["layers"] = {"using_nxd": L.USING_NXD,
+                     "column_module": type(layer).__module__,
+                     "isinstance": isinstance(layer, L.ColumnParallelLinear),
+                     "padding_idx": emb.padding_idx}
+    # NxD's own config re-initialises NxD's state: nxd_cp must read the new groups.
+    ps.destroy_model_parallel()
+    nxd_config(tensor_parallel_size=1, context_parallel_size=4)
+    out["state_nxd_reinit_tp1cp4"] = compare_state()
+    ps.destroy_model_parallel()
+    plans = {
+        (2, 2): [("llama", "p2p", {"padded": True}), ("llama", "all_gather", {}),
+                 ("mistral", "p2p", {"ckpt": True}), ("mistral", "all_gather", {"padded": True}),
+                 ("gpt_neox", "p2p", {"vocab_parallel": True}),
+                 ("gpt_neox", "all_gather", {"ckpt": True}),
+                 ("llama", "all_gather", {"nxd_optimizer": True})],
+        (1, 4): [("llama", "p2p", {"ckpt": True}), ("llama", "all_gather", {"padded": True}),
+                 ("mistral", "p2p", {"padded": True}), ("mistral", "all_gather", {}),
+                 ("gpt_neox", "p2p", {}), ("gpt_neox", "all_gather", {"padded": True})],
+        (4, 1): [("llama", "p2p", {"padded": True, "vocab_parallel": True}),
+                 ("mistral", "all_gather", {"ckpt": True}), ("gpt_neox", "p2p", {"padded": True})],
+    }
+    out.update(_run_plans(plans))
+    return out
+
+
+def eight_rank_nxd(rank, world):
+    plans = {(2, 2): [("llama", "all_gather", {"padded": True}),
+                      ("mistral", "p2p", {"ckpt": True}),
+                      ("gpt_neox", "all_gather", {"vocab_parallel": True}),
+                      ("mistral", "p2p", {"nxd_optimizer": True})]}
+    out = {}
+    from nxd_cp import parallel_state as ps
+    ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
+    out["state_tp2cp2dp2"] = compare_state()
+    out.update(_run_plans(plans, dp=2))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def four():
+    return run_ranks(four_rank_nxd, 4, timeout=400, pg_timeout=PG_TIMEOUT, **NXD_RANKS)
+
+
+@pytest.fixture(scope="module")
+def eight():
+    return run_ranks(eight_rank_nxd, 8, timeout=400, pg_timeout=PG_TIMEOUT, **NXD_RANKS)
+
+
+def _check_state(results, key, skip=()):
+    for rank, r in enumerate(results):
+        for name, (ours, theirs) in r[key].items():
+            if not name.endswith(skip):
+                assert ours == theirs, f"rank {rank} {key} {name}: nxd_cp {ours} vs NxD {theirs}"
+
+
+def test_parallel_state_is_nxds(four, eight):
+    """Every getter returns NxD's live value (groups are NxD's objects); src_tgt pairs mean
+    NxD's; DP x CP is NxD's expert-data-parallel group; groups inherit the world's timeout."""
+    _check_state(four, "state_tp2cp2")
+    # Groups that NxD's own neuronx_distributed_config creates get torch's default timeout
+    # (NxD passes none; documented in docs/troubleshooting.md): only nxd_cp's initialisation
+    # (nxd_cp.neuronx_distributed_config / parallel_state) gives them the world's.
+    _check_state(four, "state_nxd_reinit_tp1cp4", skip=("_timeout",))
+    assert four[0]["state_nxd_reinit_tp1cp4"]["context_model_parallel_timeout"][0] == 1800.0
+    _check_state(eight, "state_tp2cp2dp2")
+    assert four[0]["state_tp2cp2"]["src_tgt_pairs"][0] == [(0, 2), (2, 0)]
+    assert four[1]["state_nxd_reinit_tp1cp4"]["context_model_parallel_size"][0] == 4
+    assert eight[5]["state_tp2cp2dp2"]["data_context_parallel_spec"][0] == [1, 3, 5, 7]
+
+
+def test_nxd_layers_in_charge(four):
+    for rank, r in enumerate(four):
+        assert r["in_charge_before_init"]  # NXD_CPU_MODE=1 and importable
+        assert not r["in_charge_without_cpu_mode"]  # gloo, no NXD_CPU_MODE: the fallback
+        assert r["layers"]["using_nxd"] and r["layers"]["isinstance"]
+        assert r["layers"]["column_module"] == "neuronx_distributed.parallel_layers.layers"
+        # pad row 0 lives on TP rank 0 (rows [0, 8)): restored there, absent elsewhere.
+        assert r["layers"]["padding_idx"] == (0 if rank % 2 == 0 else None)
+
+
+def _model_cases(results):
+    return {k: v for k, v in results[0].items() if k.startswith("tp")}
+
+
+def _report(results, title):
+    fails = tm._check_training(results, report := {})
+    print(f"\n{title}: case, loss rel err (worst rank), worst gradient rel err, parameters "
+          "after 1 AdamW step")
+    tm._print_report(report)
+    return fails
+
+
+def test_transform_on_nxd_layers_matches_reference(four):
+    """TP2xCP2, TP1xCP4, TP4xCP1 x Llama / Mistral / GPT-NeoX x p2p / all_gather; padded (pad
+    token 0), checkpointed and vocab-parallel cases: loss (1e-5) and every gradient (1e-4)."""
+    fails = _report(four, "NxD layers, 4 ranks")
+    assert len(_model_cases(four)) == 15
+    assert not fails, "\n".join(fails)
+
+
+def test_transform_on_nxd_layers_dp(eight):
+    fails = _report(eight, "NxD layers, TP2xCP2xDP2")
+    assert len(_model_cases(eight)) == 3
+    assert not fails, "\n".join(fails)
+
+
+def test_vocab_parallel_logits_usable(four):
+    for rank, r in enumerate(four):
+        assert r["vocab_logits"]["unchanged"], f"rank {rank}: logits modified by the loss"
+    # fp32 forward of the same weights; blockwise CP attention reorders sums: 1e-5.
+    assert four[0]["vocab_logits"]["rel_err"] < 1e-5, four[0]["vocab_logits"]
+
+
+@pytest.mark.parametrize("world", ["four", "eight"])
+def test_readme_loop_with_nxd_optimizer(world, request):
+    """NxD's optimizer alone gives the reference gradients (sum over CP, mean over DP), and
+    nxd_cp's reduction refuses to reduce a second time."""
+    results = request.getfixturevalue(world)
+    key = next(k for k in results[0] if k.startswith("optim-"))
+    res0 = results[0][key]
+    for r in results:
+        assert "already reduces the gradients" in r[key]["refused"]
+    want = res0["ref_loss"][0]  # rank 0 is DP rank 0
+    # fp32, reordered sums only: loss 1e-5, gradients 1e-4 (as test_models).
+    assert abs(res0["loss"] - want) / want < 1e-5
+    worst = max(res0["grad_err"], key=res0["grad_err"].get)
+    print(f"\n{key}: loss rel err {abs(res0['loss'] - want) / want:.1e}, worst gradient "
+          f"{worst} {res0['grad_err'][worst]:.1e}")
+    assert res0["grad_err"][worst] < 1e-4, (worst, res0["grad_err"][worst])
