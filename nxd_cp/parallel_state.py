@@ -11,9 +11,10 @@ This module holds the only mutable module state of nxd_cp.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch.distributed as dist
 
@@ -269,3 +270,29 @@ def get_pipeline_model_parallel_rank() -> int:
 
 def get_pipeline_model_parallel_size() -> int:
     return get_group_spec("pipeline").size
+
+
+# --- one rank of a world that does not run (lowering per rank in one process) ------------------
+@contextlib.contextmanager
+def explicit_rank(world_size: int, rank: int, tensor_model_parallel_size: int = 1,
+                  context_parallel_size: int = 1,
+                  pipeline_model_parallel_size: int = 1) -> Iterator[None]:
+    """Parallel state of one global rank of a world that does not run: every group as a
+    GroupSpec with process_group=None (for lowering XLA graphs per rank in one process,
+    without torch.distributed). Restores the previous state on exit."""
+    global _STATE
+    layout = ParallelLayout(world_size, tensor_model_parallel_size, context_parallel_size,
+                            pipeline_model_parallel_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    groups = {"tensor": layout.tensor_parallel_groups(),
+              "context": layout.context_parallel_groups(),
+              "data": layout.data_parallel_groups(),
+              "data_context": layout.data_context_parallel_groups(),
+              "pipeline": layout.pipeline_parallel_groups()}
+    previous = _STATE
+    _STATE = _State(layout, {k: GroupSpec.explicit(groups[k], rank) for k in _KINDS}, "explicit")
+    try:
+        yield
+    finally:
+        _STATE = previous
