@@ -246,6 +246,10 @@ def _worker(rank: int, world: int, port: int, directory: str) -> None:
     compiled = time.monotonic() - start
     with np.load(os.path.join(directory, f"inputs{rank}.npz")) as z:
         args = [jax.device_put(z[f"p{i}"], devices[rank]) for i in range(len(z.files))]
+    # Gloo builds each communicator at its first collective and waits only 30 s for the peers:
+    # start executing together, whatever each process's compile time on a busy machine.
+    from jax._src import distributed
+    distributed.global_state.client.wait_at_barrier("compiled", 600_000)
     results = executable.execute_sharded(args).disassemble_into_single_device_arrays()
     outputs = {}
     for i, (arr,) in enumerate(results):
