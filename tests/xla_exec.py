@@ -142,9 +142,11 @@ def execute(modules: Union[Lowered, Sequence[Lowered]], world_size: Optional[int
     if len(inputs) != world:
         raise ValueError(f"inputs has {len(inputs)} entries, the world has {world} ranks")
     for r, (m, xs) in enumerate(zip(modules, inputs)):
-        got, want = [a.shape for a in xs], [a.shape for a in m.inputs]
+        got = [(a.shape, a.dtype.name) for a in xs]
+        want = [(a.shape, a.dtype.name) for a in m.inputs]
         if got != want:
-            raise ValueError(f"rank {r}: input shapes {got} do not match the module's {want}")
+            raise ValueError(f"rank {r}: inputs {got} do not match the module's parameters "
+                             f"{want}")
     with tempfile.TemporaryDirectory(prefix="nxd_cp_xla_exec_") as d:
         _write(d, modules, inputs)
         _run_processes(d, world, timeout)
