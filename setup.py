@@ -14,6 +14,7 @@ setup(
         "xla": ["torch-xla"],
         # The exact stack CI runs; scripts/setup.sh installs requirements-test.txt.
         "test": ["transformers==4.57.6", "torch-xla==2.9.0", "pytest==8.4.2", "numpy<2.3",
-                 "matplotlib==3.10.7", "tenacity==9.1.2", "boto3==1.40.76", "botocore==1.40.76"],
+                 "matplotlib==3.10.7", "tenacity==9.1.2", "boto3==1.40.76", "botocore==1.40.76",
+                 "jax==0.10.2", "jaxlib==0.10.2"],
     },
 )

@@ -10,7 +10,7 @@ venv="$root/.venv"
 stamp="$venv/.nxd_cp_stamp"
 want="$(cat requirements-test.txt setup.py | sha256sum | cut -d' ' -f1)"
 
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c "import torch, nxd_cp" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c "import torch, jax, nxd_cp" 2>/dev/null; then
   exit 0
 fi
 echo "[setup] creating $venv with the pinned stack (first time: a few minutes, ~7 GB)" >&2
@@ -25,5 +25,5 @@ for bad in torch-neuronx neuronx-distributed; do
     "$venv/bin/python" -m pip uninstall -y "$bad" >/dev/null
   fi
 done
-"$venv/bin/python" -c "import torch, torch_xla, transformers, nxd_cp; print('[setup] torch', torch.__version__, '| torch-xla', torch_xla.__version__, '| transformers', transformers.__version__)" >&2
+"$venv/bin/python" -c "import torch, torch_xla, transformers, jax, nxd_cp; print('[setup] torch', torch.__version__, '| torch-xla', torch_xla.__version__, '| transformers', transformers.__version__, '| jax', jax.__version__)" >&2
 echo "$want" > "$stamp"
