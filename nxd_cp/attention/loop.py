@@ -1,0 +1,111 @@
+"""The block loop of CP attention, shared by ring and all-gather.
+
+Both algorithms visit the K/V shards of the CP group in ring order: at step ``i`` this rank
+(CP rank ``r``) holds the shard of ``(r - i) mod cp`` and runs the plan's products of that step
+(``schedule.Plan``). They differ only in how the shards arrive and how their dK/dV go home — a
+``KVStream``: the ring shifts them around (``ring.RingStream``), all-gather gathers them once
+and reads its copy (``all_gather.GatherStream``).
+
+Shapes: q ``[B, Hq, S_local, D]``; k, v ``[B, Hkv, S_local, D]`` packed as kv
+``[2, B, Hkv, S_local, D]`` (only the real Hkv heads travel); keep None or uint8
+``[B, S_local]`` (1 = real key), travelling with its K/V. Saved for backward: local q, k, v,
+out (input dtype) and the fp32 lse; the visiting K/V are fetched again in backward.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from nxd_cp.attention.dispatch import block_attention_backward, block_attention_forward
+from nxd_cp.attention.merge import empty_accumulators
+from nxd_cp.attention.parts import RankIndex, add_to_part, merge_into_part, take
+from nxd_cp.attention.schedule import Plan
+from nxd_cp.comm.base import Transport
+
+
+class KVStream:
+    """How the visiting K/V shards arrive (``blocks``) and how their gradients go home."""
+
+    def __init__(self, transport: Transport, rank: RankIndex, kv: Tensor,
+                 keep: Optional[Tensor]):
+        self.transport, self.rank, self.kv, self.keep = transport, rank, kv, keep
+
+    def blocks(self) -> Iterator[Tuple[int, Tensor, Optional[Tensor]]]:
+        """Yield ``(step, kv, keep)`` for every step, in ring order."""
+        raise NotImplementedError
+
+    def push_grad(self, step: int, dkv: Tensor) -> None:
+        """Hand over the fp32 dK/dV ``[2, B, Hkv, S_local, D]`` of the shard held at ``step``."""
+        raise NotImplementedError
+
+    def local_grad(self) -> Tensor:
+        """The dK/dV of this rank's own shard, summed over every rank's queries."""
+        raise NotImplementedError
+
+
+def _keep(keep: Optional[Tensor], part, plan: Plan) -> Optional[Tensor]:
+    return None if keep is None else take(keep, 1, part, plan).bool()
+
+
+def forward_blocks(q: Tensor, plan: Plan, stream: KVStream, scale: float) -> Tuple[Tensor, Tensor]:
+    """out fp32 ``[B, Hq, S_local, D]`` (``[B, S, H, D]`` memory) and lse fp32 ``[B, Hq, S_local]``."""
+    out, lse = empty_accumulators(q)
+    rank = stream.rank
+    for step, kv, keep in stream.blocks():
+        for product in plan.steps[step]:
+            resolved = rank.resolve(product, plan)
+            if resolved is None:
+                continue
+            qp, kp, mask = resolved
+            o, l = block_attention_forward(
+                take(q, 2, qp, plan), take(kv[0], 2, kp, plan), take(kv[1], 2, kp, plan),
+                scale=scale, mask=mask, kv_keep=_keep(keep, kp, plan))
+            merge_into_part(out, lse, o, l, qp, plan)
+    return out, lse
+
+
+def backward_blocks(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, plan: Plan,
+                    stream: KVStream, scale: float) -> Tuple[Tensor, Tensor]:
+    """fp32 dq ``[B, Hq, S_local, D]`` and dkv ``[2, B, Hkv, S_local, D]`` of the local shard."""
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    rank = stream.rank
+    for step, kv, keep in stream.blocks():
+        dkv = torch.zeros_like(kv, dtype=torch.float32)
+        for product in plan.steps[step]:
+            resolved = rank.resolve(product, plan)
+            if resolved is None:
+                continue
+            qp, kp, mask = resolved
+            dq_t, dk_t, dv_t = block_attention_backward(
+                take(dout, 2, qp, plan), take(q, 2, qp, plan), take(kv[0], 2, kp, plan),
+                take(kv[1], 2, kp, plan), take(out, 2, qp, plan), take(lse, 2, qp, plan),
+                scale=scale, mask=mask, kv_keep=_keep(keep, kp, plan))
+            add_to_part(dq, 2, qp, dq_t, plan)
+            add_to_part(dkv[0], 2, kp, dk_t, plan)
+            add_to_part(dkv[1], 2, kp, dv_t, plan)
+        stream.push_grad(step, dkv)
+    return dq, stream.local_grad()
+
+
+class ContextParallelAttention(torch.autograd.Function):
+    """out ``[B, Hq, S_local, D]`` in q's dtype: the local Q against every rank's K/V."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, plan: Plan, stream_cls, transport: Transport,
+                rank: RankIndex, scale: float):
+        stream = stream_cls(transport, rank, torch.stack([k, v]), keep)
+        out, lse = forward_blocks(q, plan, stream, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, *([] if keep is None else [keep]))
+        ctx.args = (plan, stream_cls, transport, rank, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, *rest = ctx.saved_tensors
+        plan, stream_cls, transport, rank, scale = ctx.args
+        stream = stream_cls(transport, rank, torch.stack([k, v]), rest[0] if rest else None)
+        dq, dkv = backward_blocks(dout, q, out, lse, plan, stream, scale)
+        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 6
