@@ -51,6 +51,10 @@ def finite_lse(lse: Tensor) -> Tensor:
     return torch.where(torch.isneginf(lse), float("inf"), lse)
 
 
+def _cat(parts, dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 class BlockKernel(Protocol):
     """What ``register_kernel`` accepts; signatures as ``block_attention_forward/backward``."""
 
@@ -135,25 +139,32 @@ class TorchBlockKernel:
         for q0, q1, ktiles in self._tiles(q, k, mask):
             qt = qf[:, :, :, q0:q1].flatten(2, 3)  # [B, Hkv, G*tq, D]
             rows = qt.shape[2]
-            row_max = qt.new_full((b, hkv, rows), _NEG_INF)
-            row_sum = qt.new_zeros((b, hkv, rows))
-            acc = qt.new_zeros((b, hkv, rows, d))
+            row_max = row_sum = acc = None
             for k0, k1, vis in ktiles:
                 s = self._scores(qt, kf[:, :, k0:k1], scale, g, vis, mask, kv_keep, q0, q1, k0, k1)
-                new_max = torch.maximum(row_max, s.amax(-1))
+                new_max = s.amax(-1) if row_max is None else torch.maximum(row_max, s.amax(-1))
                 # Rows that have seen no visible key yet keep max -inf: shift by 0 instead.
                 shift = torch.where(torch.isneginf(new_max), 0.0, new_max)
                 p = torch.exp(s - shift.unsqueeze(-1))
-                rescale = torch.exp(row_max - shift)
-                row_sum = row_sum * rescale + p.sum(-1)
-                acc = acc * rescale.unsqueeze(-1) + torch.matmul(p, vf[:, :, k0:k1])
+                pv = torch.matmul(p, vf[:, :, k0:k1])
+                if row_max is None:  # first tile: nothing to rescale (keeps the graph small)
+                    row_sum, acc = p.sum(-1), pv
+                else:
+                    rescale = torch.exp(row_max - shift)
+                    row_sum = row_sum * rescale + p.sum(-1)
+                    acc = acc * rescale.unsqueeze(-1) + pv
                 row_max = new_max
-            shift = torch.where(torch.isneginf(row_max), 0.0, row_max)
+            if row_max is None:  # every key tile of this row tile is invisible
+                shift = qt.new_zeros((b, hkv, rows))
+                row_sum = qt.new_zeros((b, hkv, rows))
+                acc = qt.new_zeros((b, hkv, rows, d))
+            elif len(ktiles) > 1:
+                shift = torch.where(torch.isneginf(row_max), 0.0, row_max)
             lses.append((shift + torch.log(row_sum)).unflatten(2, (g, q1 - q0)))
             norm = torch.where(row_sum > row_sum.new_zeros(()), row_sum, 1.0)  # empty rows: acc is 0, out 0
             outs.append((acc / norm.unsqueeze(-1)).unflatten(2, (g, q1 - q0)))
-        out = torch.cat(outs, dim=3).flatten(1, 2)
-        lse = torch.cat(lses, dim=3).flatten(1, 2)
+        out = _cat(outs, 3).flatten(1, 2)
+        lse = _cat(lses, 3).flatten(1, 2)
         return out, lse
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -187,7 +198,7 @@ class TorchBlockKernel:
                 dk_tiles[k0] = dk_tiles[k0] + dk_t if k0 in dk_tiles else dk_t
                 dv_tiles[k0] = dv_tiles[k0] + dv_t if k0 in dv_tiles else dv_t
             dq_tiles.append(dq_t.unflatten(2, (g, q1 - q0)))
-        dq = torch.cat(dq_tiles, dim=3).flatten(1, 2) * scale
+        dq = _cat(dq_tiles, 3).flatten(1, 2) * scale
         dk = self._gather_tiles(dk_tiles, kf) * scale
         dv = self._gather_tiles(dv_tiles, vf)
         return dq, dk, dv
@@ -197,4 +208,4 @@ class TorchBlockKernel:
         sk = like.shape[2]
         parts = [tiles[k0] if k0 in tiles else torch.zeros_like(like[:, :, k0:k0 + self.tile_k])
                  for k0 in range(0, sk, self.tile_k)]
-        return torch.cat(parts, dim=2)
+        return _cat(parts, 2)

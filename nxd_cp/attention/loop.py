@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from nxd_cp.attention.dispatch import block_attention_backward, block_attention_forward
-from nxd_cp.attention.merge import empty_accumulators
-from nxd_cp.attention.parts import RankIndex, add_to_part, merge_into_part, take
+from nxd_cp.attention.parts import PartAccumulator, RankIndex, merge_part, take
 from nxd_cp.attention.schedule import Plan
 from nxd_cp.comm.base import Transport
 
@@ -50,8 +49,12 @@ def _keep(keep: Optional[Tensor], part, plan: Plan) -> Optional[Tensor]:
 
 
 def forward_blocks(q: Tensor, plan: Plan, stream: KVStream, scale: float) -> Tuple[Tensor, Tensor]:
-    """out fp32 ``[B, Hq, S_local, D]`` (``[B, S, H, D]`` memory) and lse fp32 ``[B, Hq, S_local]``."""
-    out, lse = empty_accumulators(q)
+    """out fp32 ``[B, Hq, S_local, D]`` and lse fp32 ``[B, Hq, S_local]``."""
+    b, h, _, d = q.shape
+    c = plan.part_len
+    out = PartAccumulator(plan, 2, lambda: q.new_zeros((b, h, c, d), dtype=torch.float32))
+    lse = PartAccumulator(plan, 2, lambda: q.new_full((b, h, c), float("-inf"),
+                                                      dtype=torch.float32))
     rank = stream.rank
     for step, kv, keep in stream.blocks():
         for product in plan.steps[step]:
@@ -62,17 +65,21 @@ def forward_blocks(q: Tensor, plan: Plan, stream: KVStream, scale: float) -> Tup
             o, l = block_attention_forward(
                 take(q, 2, qp, plan), take(kv[0], 2, kp, plan), take(kv[1], 2, kp, plan),
                 scale=scale, mask=mask, kv_keep=_keep(keep, kp, plan))
-            merge_into_part(out, lse, o, l, qp, plan)
-    return out, lse
+            merge_part(out, lse, o, l, qp)
+    return out.value(), lse.value()
 
 
 def backward_blocks(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, plan: Plan,
                     stream: KVStream, scale: float) -> Tuple[Tensor, Tensor]:
     """fp32 dq ``[B, Hq, S_local, D]`` and dkv ``[2, B, Hkv, S_local, D]`` of the local shard."""
-    dq = torch.zeros_like(q, dtype=torch.float32)
+    b, hq, _, d = q.shape
+    hkv, c = stream.kv.shape[2], plan.part_len
+    dq = PartAccumulator(plan, 2, lambda: q.new_zeros((b, hq, c, d), dtype=torch.float32))
     rank = stream.rank
     for step, kv, keep in stream.blocks():
-        dkv = torch.zeros_like(kv, dtype=torch.float32)
+        dk, dv = (PartAccumulator(plan, 2, lambda: q.new_zeros((b, hkv, c, d),
+                                                               dtype=torch.float32))
+                  for _ in range(2))
         for product in plan.steps[step]:
             resolved = rank.resolve(product, plan)
             if resolved is None:
@@ -82,11 +89,11 @@ def backward_blocks(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, plan: Pla
                 take(dout, 2, qp, plan), take(q, 2, qp, plan), take(kv[0], 2, kp, plan),
                 take(kv[1], 2, kp, plan), take(out, 2, qp, plan), take(lse, 2, qp, plan),
                 scale=scale, mask=mask, kv_keep=_keep(keep, kp, plan))
-            add_to_part(dq, 2, qp, dq_t, plan)
-            add_to_part(dkv[0], 2, kp, dk_t, plan)
-            add_to_part(dkv[1], 2, kp, dv_t, plan)
-        stream.push_grad(step, dkv)
-    return dq, stream.local_grad()
+            dq.add(qp, dq_t)
+            dk.add(kp, dk_t)
+            dv.add(kp, dv_t)
+        stream.push_grad(step, torch.stack([dk.value(), dv.value()]))
+    return dq.value(), stream.local_grad()
 
 
 class ContextParallelAttention(torch.autograd.Function):
@@ -96,8 +103,12 @@ class ContextParallelAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, keep, plan: Plan, stream_cls, transport: Transport,
                 rank: RankIndex, scale: float):
         stream = stream_cls(transport, rank, torch.stack([k, v]), keep)
-        out, lse = forward_blocks(q, plan, stream, scale)
-        out = out.to(q.dtype)
+        out32, lse = forward_blocks(q, plan, stream, scale)
+        # Kept in the input dtype and in [B, S, H, D] memory order: transformers turns the
+        # output into [B, S, H, D] with transpose(1, 2).contiguous(), which is then free
+        # instead of a second copy of the output kept for backward.
+        b, h, s, d = q.shape
+        out = q.new_empty((b, s, h, d)).transpose(1, 2).copy_(out32)
         ctx.save_for_backward(q, k, v, out, lse, *([] if keep is None else [keep]))
         ctx.args = (plan, stream_cls, transport, rank, scale)
         return out

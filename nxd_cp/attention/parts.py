@@ -5,20 +5,23 @@ skipped, masks have static positions and parts are plain slices (the fastest for
 is an int32 device tensor (``Transport.rank_value``, NxD's ``SPMDRank`` idea): every rank runs
 every product of the plan, a rank-dependent part is picked with ``torch.where`` and a
 rank-dependent mask offset is looked up from a per-rank table — the same graph on every rank.
-Shapes: parts are cut along the sequence dim (``dim``) of ``[B, H, S_local, ...]`` tensors.
+
+Parts are cut along the sequence dim (``dim``) of ``[B, H, S_local, ...]`` tensors.
+Accumulators are kept as one tensor per part and updated functionally (no in-place writes
+through views: on XLA those lower to dynamic-update-slices with s64 indices and bloat the graph).
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from nxd_cp.attention.merge import merge_into, merge_partial
+from nxd_cp.attention.merge import merge_partial
 from nxd_cp.attention.schedule import ALL, EMPTY, FULL, BlockMask, Plan, Product
 
-Part = Union[int, Tensor]  # 0, 1, ALL, or an int32 0-d device tensor holding 0 or 1
+Part = Union[int, Tensor]  # 0, 1, ALL, or a bool 0-d device tensor (True: part 1)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -33,17 +36,24 @@ class RankIndex:
     def __init__(self, value: Union[int, Tensor]):
         self.value = value
         self.is_static = isinstance(value, int)
+        self._looked_up = {}  # one lookup per table and call: a smaller graph
 
-    def lookup(self, table: Tuple[int, ...]) -> Union[int, Tensor]:
-        """``table[rank]``: a Python int where the table is constant or the rank static."""
+    def lookup(self, table: Tuple[int, ...], as_flag: bool = False) -> Union[int, Tensor]:
+        """``table[rank]``: a Python int where the table is constant or the rank static, else
+        an int32 0-d device tensor (a bool one with ``as_flag``, for a part 0/1)."""
         if len(set(table)) == 1:
             return table[0]
         if self.is_static:
             return table[self.value]
-        t = _device_table(table, str(self.value.device))
-        return t.index_select(0, self.value).reshape(())
+        key = (table, as_flag)
+        if key not in self._looked_up:
+            t = _device_table(table, str(self.value.device))
+            value = t.index_select(0, self.value).reshape(())
+            self._looked_up[key] = value.bool() if as_flag else value
+        return self._looked_up[key]
 
-    def resolve(self, product: Product, plan: Plan) -> Optional[Tuple[Part, Part, Optional[BlockMask]]]:
+    def resolve(self, product: Product,
+                plan: Plan) -> Optional[Tuple[Part, Part, Optional[BlockMask]]]:
         """(Q part, KV part, mask) of ``product`` on this rank; None where it is skipped."""
         if self.is_static:
             r = self.value
@@ -56,11 +66,12 @@ class RankIndex:
         mask = None
         if product.needs_mask:
             mask = BlockMask(self.lookup(product.offset), 0, plan.causal, plan.window)
-        return self.lookup(product.q_part), self.lookup(product.k_part), mask
+        return (self.lookup(product.q_part, as_flag=True),
+                self.lookup(product.k_part, as_flag=True), mask)
 
 
-def _halves(x: Tensor, dim: int, c: int) -> Tuple[Tensor, Tensor]:
-    return x.narrow(dim, 0, c), x.narrow(dim, c, c)
+def _flag(part: Tensor, ndim: int) -> Tensor:
+    return part.reshape((1,) * ndim)
 
 
 def take(x: Tensor, dim: int, part: Part, plan: Plan) -> Tensor:
@@ -68,40 +79,68 @@ def take(x: Tensor, dim: int, part: Part, plan: Plan) -> Tensor:
     if isinstance(part, int):
         sl = plan.part_slice(part)
         return x.narrow(dim, sl.start, sl.stop - sl.start)
-    first, second = _halves(x, dim, plan.part_len)
-    return torch.where(_bcast(part.bool(), dim, x.dim()), second, first)
+    c = plan.part_len
+    return torch.where(_flag(part, x.dim()), x.narrow(dim, c, c), x.narrow(dim, 0, c))
 
 
-def _bcast(flag: Tensor, dim: int, ndim: int) -> Tensor:
-    return flag.reshape((1,) * ndim)
+class PartAccumulator:
+    """A ``[.., S_local, ..]`` result kept as one tensor per part along ``dim``.
+
+    ``empty(shape)`` makes the value of a part no product has touched yet (zeros, or -inf
+    for an lse); ``update(part, fn)`` replaces the part's value ``x`` with ``fn(x)``.
+    """
+
+    def __init__(self, plan: Plan, dim: int, empty: Callable[[], Tensor]):
+        self.plan, self.dim, self._empty = plan, dim, empty
+        self.parts: List[Optional[Tensor]] = [None] * plan.parts
+
+    def _get(self, i: int) -> Tensor:
+        return self._empty() if self.parts[i] is None else self.parts[i]
+
+    def update(self, part: Part, fn: Callable[[Optional[Tensor]], Tensor]) -> None:
+        """``fn(None)`` is called for a static part nobody has written yet."""
+        c = self.plan.part_len
+        if isinstance(part, int) and part != ALL:
+            self.parts[part] = fn(self.parts[part])
+        elif isinstance(part, int):  # the whole shard
+            current = (None if all(p is None for p in self.parts)
+                       else torch.cat([self._get(i) for i in range(self.plan.parts)], self.dim))
+            new = fn(current)
+            self.parts = [new.narrow(self.dim, i * c, c) for i in range(self.plan.parts)]
+        else:
+            first, second = self._get(0), self._get(1)
+            flag = _flag(part, first.dim())
+            new = fn(torch.where(flag, second, first))
+            self.parts = [torch.where(flag, first, new), torch.where(flag, new, second)]
+
+    def add(self, part: Part, value: Tensor) -> None:
+        self.update(part, lambda x: value if x is None else x + value)
+
+    def value(self) -> Tensor:
+        return torch.cat([self._get(i) for i in range(self.plan.parts)], self.dim)
 
 
-def add_to_part(acc: Tensor, dim: int, part: Part, value: Tensor, plan: Plan) -> None:
-    """``acc[part] += value`` in place along ``dim``."""
+def merge_part(out: PartAccumulator, lse: PartAccumulator, o: Tensor, l: Tensor,
+               part: Part) -> None:
+    """Merge the partial result ``(o, l)`` (fp32 ``[B, H, S_part, D]`` / ``[B, H, S_part]``)
+    of Q part ``part`` into the accumulators (the first result of a part is taken as is)."""
+    if not _untouched(lse, part):
+        o, l = merge_partial(take_acc(out, part), take_acc(lse, part), o, l)
+    out.update(part, lambda _: o)
+    lse.update(part, lambda _: l)
+
+
+def _untouched(acc: PartAccumulator, part: Part) -> bool:
+    if isinstance(part, int) and part != ALL:
+        return acc.parts[part] is None
+    return isinstance(part, int) and all(p is None for p in acc.parts)
+
+
+def take_acc(acc: PartAccumulator, part: Part) -> Tensor:
+    """The current value of ``part`` (materialised where empty)."""
+    if isinstance(part, int) and part != ALL:
+        return acc._get(part)
     if isinstance(part, int):
-        take(acc, dim, part, plan).add_(value)
-        return
-    flag = _bcast(part.bool(), dim, acc.dim())
-    first, second = _halves(acc, dim, plan.part_len)
-    zero = torch.zeros_like(value)
-    first.add_(torch.where(flag, zero, value))
-    second.add_(torch.where(flag, value, zero))
-
-
-def merge_into_part(out: Tensor, lse: Tensor, o: Tensor, l: Tensor, part: Part,
-                    plan: Plan) -> None:
-    """Merge the partial result ``(o, l)`` of Q part ``part`` into the accumulators
-    ``out`` fp32 ``[B, H, S, D]`` / ``lse`` fp32 ``[B, H, S]``, in place."""
-    if isinstance(part, int):
-        merge_into(out, lse, o, l, plan.part_slice(part))
-        return
-    m_out, m_lse = merge_partial(take(out, 2, part, plan), take(lse, 2, part, plan), o, l)
-    for acc, merged in ((out, m_out), (lse, m_lse)):
-        flag = _bcast(part.bool(), 2, acc.dim())
-        first, second = _halves(acc, 2, plan.part_len)
-        new_first, new_second = torch.where(flag, first, merged), torch.where(flag, merged, second)
-        first.copy_(new_first)
-        second.copy_(new_second)
-
-
-__all__ = ["ALL", "RankIndex", "take", "add_to_part", "merge_into_part"]
+        return acc.value()
+    flag = _flag(part, acc._get(0).dim())
+    return torch.where(flag, acc._get(1), acc._get(0))
