@@ -156,5 +156,6 @@ def test_graph_size_does_not_grow_with_the_sequence():
     small = _instructions(_lower_case(8, 3, "p2p", s_local=256))
     cp4 = _instructions(_lower_case(4, 3, "p2p", s_local=256))
     per_step = (small - cp4) / 4
-    assert big <= 5500 and abs(big - small) <= 500, (big, small)
-    assert per_step <= 700, per_step
+    # Measured 4,002 / 3,657 and 480 per step (torch-xla 2.9); 75,439 before (tile unrolling).
+    assert big <= 4100 and abs(big - small) <= 400, (big, small)
+    assert per_step <= 500, per_step

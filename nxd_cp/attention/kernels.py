@@ -25,6 +25,7 @@ DEFAULT_TILE_Q = 256
 DEFAULT_TILE_K = 512
 
 _NEG_INF = float("-inf")
+_LOWEST = torch.finfo(torch.float32).min
 
 
 def position_mask(mask: BlockMask, q0: int, q1: int, k0: int, k1: int,
@@ -143,8 +144,9 @@ class TorchBlockKernel:
             for k0, k1, vis in ktiles:
                 s = self._scores(qt, kf[:, :, k0:k1], scale, g, vis, mask, kv_keep, q0, q1, k0, k1)
                 new_max = s.amax(-1) if row_max is None else torch.maximum(row_max, s.amax(-1))
-                # Rows that have seen no visible key yet keep max -inf: shift by 0 instead.
-                shift = torch.where(torch.isneginf(new_max), 0.0, new_max)
+                # Rows that see no key have max -inf: shift them by the lowest float instead
+                # (exp still gives 0, and lse = shift + log(0) = -inf).
+                shift = new_max.clamp_min(_LOWEST)
                 p = torch.exp(s - shift.unsqueeze(-1))
                 pv = torch.matmul(p, vf[:, :, k0:k1])
                 if row_max is None:  # first tile: nothing to rescale (keeps the graph small)
@@ -159,9 +161,11 @@ class TorchBlockKernel:
                 row_sum = qt.new_zeros((b, hkv, rows))
                 acc = qt.new_zeros((b, hkv, rows, d))
             elif len(ktiles) > 1:
-                shift = torch.where(torch.isneginf(row_max), 0.0, row_max)
+                shift = row_max.clamp_min(_LOWEST)
             lses.append((shift + torch.log(row_sum)).unflatten(2, (g, q1 - q0)))
-            norm = torch.where(row_sum > row_sum.new_zeros(()), row_sum, 1.0)  # empty rows: acc is 0, out 0
+            # A row that sees a key has row_sum >= 1 (its max term is exp(0)); empty rows have
+            # row_sum = 0 and acc = 0: dividing by 1 gives out = 0.
+            norm = row_sum.clamp_min(1.0)
             outs.append((acc / norm.unsqueeze(-1)).unflatten(2, (g, q1 - q0)))
         out = _cat(outs, 3).flatten(1, 2)
         lse = _cat(lses, 3).flatten(1, 2)

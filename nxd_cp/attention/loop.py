@@ -13,13 +13,14 @@ out (input dtype) and the fp32 lse; the visiting K/V are fetched again in backwa
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from nxd_cp.attention.dispatch import block_attention_backward, block_attention_forward
-from nxd_cp.attention.parts import PartAccumulator, RankIndex, merge_part, take
+from nxd_cp.attention.parts import Part, PartAccumulator, RankIndex, merge_part, take
+from nxd_cp.attention.schedule import ALL
 from nxd_cp.attention.schedule import Plan
 from nxd_cp.comm.base import Transport
 
@@ -48,6 +49,34 @@ def _keep(keep: Optional[Tensor], part, plan: Plan) -> Optional[Tensor]:
     return None if keep is None else take(keep, 1, part, plan).bool()
 
 
+def _calls(rank: RankIndex, plan: Plan, products) -> List[Tuple[List[Tuple[Part, Part]], Any]]:
+    """Kernel calls of one step: ``([(q part, kv part), ...], mask)``.
+
+    With the rank as device data, unmasked products of equal shapes (the two half-by-half
+    products of a zigzag causal step) run as one call, stacked on the batch dim: one kernel in
+    the graph per step instead of two. With a Python-int rank every product is its own call.
+    """
+    resolved = [r for r in (rank.resolve(p, plan) for p in products) if r is not None]
+    if rank.is_static:
+        return [([(qp, kp)], mask) for qp, kp, mask in resolved]
+    calls, stackable = [], {}
+    for qp, kp, mask in resolved:
+        whole = (isinstance(qp, int) and qp == ALL, isinstance(kp, int) and kp == ALL)
+        if mask is None:
+            stackable.setdefault(whole, []).append((qp, kp))
+        else:
+            calls.append(([(qp, kp)], mask))
+    return [(pairs, None) for pairs in stackable.values()] + calls
+
+
+def _stack(parts: List[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _unstack(x: Tensor, n: int) -> Tuple[Tensor, ...]:
+    return (x,) if n == 1 else x.chunk(n, dim=0)
+
+
 def forward_blocks(q: Tensor, plan: Plan, stream: KVStream, scale: float) -> Tuple[Tensor, Tensor]:
     """out fp32 ``[B, Hq, S_local, D]`` and lse fp32 ``[B, Hq, S_local]``."""
     b, h, _, d = q.shape
@@ -55,17 +84,16 @@ def forward_blocks(q: Tensor, plan: Plan, stream: KVStream, scale: float) -> Tup
     out = PartAccumulator(plan, 2, lambda: q.new_zeros((b, h, c, d), dtype=torch.float32))
     lse = PartAccumulator(plan, 2, lambda: q.new_full((b, h, c), float("-inf"),
                                                       dtype=torch.float32))
-    rank = stream.rank
     for step, kv, keep in stream.blocks():
-        for product in plan.steps[step]:
-            resolved = rank.resolve(product, plan)
-            if resolved is None:
-                continue
-            qp, kp, mask = resolved
+        for pairs, mask in _calls(stream.rank, plan, plan.steps[step]):
             o, l = block_attention_forward(
-                take(q, 2, qp, plan), take(kv[0], 2, kp, plan), take(kv[1], 2, kp, plan),
-                scale=scale, mask=mask, kv_keep=_keep(keep, kp, plan))
-            merge_part(out, lse, o, l, qp)
+                _stack([take(q, 2, qp, plan) for qp, _ in pairs]),
+                _stack([take(kv[0], 2, kp, plan) for _, kp in pairs]),
+                _stack([take(kv[1], 2, kp, plan) for _, kp in pairs]), scale=scale, mask=mask,
+                kv_keep=None if keep is None else _stack([_keep(keep, kp, plan)
+                                                          for _, kp in pairs]))
+            for (qp, _), o_i, l_i in zip(pairs, _unstack(o, len(pairs)), _unstack(l, len(pairs))):
+                merge_part(out, lse, o_i, l_i, qp)
     return out.value(), lse.value()
 
 
@@ -75,23 +103,26 @@ def backward_blocks(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, plan: Pla
     b, hq, _, d = q.shape
     hkv, c = stream.kv.shape[2], plan.part_len
     dq = PartAccumulator(plan, 2, lambda: q.new_zeros((b, hq, c, d), dtype=torch.float32))
-    rank = stream.rank
     for step, kv, keep in stream.blocks():
         dk, dv = (PartAccumulator(plan, 2, lambda: q.new_zeros((b, hkv, c, d),
                                                                dtype=torch.float32))
                   for _ in range(2))
-        for product in plan.steps[step]:
-            resolved = rank.resolve(product, plan)
-            if resolved is None:
-                continue
-            qp, kp, mask = resolved
-            dq_t, dk_t, dv_t = block_attention_backward(
-                take(dout, 2, qp, plan), take(q, 2, qp, plan), take(kv[0], 2, kp, plan),
-                take(kv[1], 2, kp, plan), take(out, 2, qp, plan), take(lse, 2, qp, plan),
-                scale=scale, mask=mask, kv_keep=_keep(keep, kp, plan))
-            dq.add(qp, dq_t)
-            dk.add(kp, dk_t)
-            dv.add(kp, dv_t)
+        for pairs, mask in _calls(stream.rank, plan, plan.steps[step]):
+            qs = [qp for qp, _ in pairs]
+            ks = [kp for _, kp in pairs]
+            grads = block_attention_backward(
+                _stack([take(dout, 2, p, plan) for p in qs]),
+                _stack([take(q, 2, p, plan) for p in qs]),
+                _stack([take(kv[0], 2, p, plan) for p in ks]),
+                _stack([take(kv[1], 2, p, plan) for p in ks]),
+                _stack([take(out, 2, p, plan) for p in qs]),
+                _stack([take(lse, 2, p, plan) for p in qs]), scale=scale, mask=mask,
+                kv_keep=None if keep is None else _stack([_keep(keep, p, plan) for p in ks]))
+            dq_s, dk_s, dv_s = (_unstack(g, len(pairs)) for g in grads)
+            for i, (qp, kp) in enumerate(pairs):
+                dq.add(qp, dq_s[i])
+                dk.add(kp, dk_s[i])
+                dv.add(kp, dv_s[i])
         stream.push_grad(step, torch.stack([dk.value(), dv.value()]))
     return dq.value(), stream.local_grad()
 

@@ -114,7 +114,14 @@ class PartAccumulator:
             self.parts = [torch.where(flag, first, new), torch.where(flag, new, second)]
 
     def add(self, part: Part, value: Tensor) -> None:
-        self.update(part, lambda x: value if x is None else x + value)
+        if isinstance(part, int):
+            self.update(part, lambda x: value if x is None else x + value)
+            return
+        # Rank-dependent part: each half gets the value or zero (no read-select-write).
+        flag = _flag(part, value.dim())
+        zero = torch.zeros_like(value)
+        for i, new in enumerate((torch.where(flag, zero, value), torch.where(flag, value, zero))):
+            self.parts[i] = new if self.parts[i] is None else self.parts[i] + new
 
     def value(self) -> Tensor:
         return torch.cat([self._get(i) for i in range(self.plan.parts)], self.dim)
