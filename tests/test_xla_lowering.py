@@ -82,3 +82,17 @@ def test_rank_is_device_data_on_xla():
         assert value.dtype == torch.int32 and tuple(value.shape) == (1,)
         assert value.device.type == "xla" and value.cpu().tolist() == [rank]
         assert "parameter(0)" in hlo(value + 0)
+
+
+def test_own_chunk_of_gather_from_group_is_rank_independent():
+    """The TP gather_output backward keeps its own chunk by a device-data index: same graph on
+    every rank (the Python-int form would slice [0:2] on one rank and [2:4] on the other)."""
+    graphs = set()
+    for rank in (0, 1):
+        t = transport("tensor", rank=rank)
+        x = torch.randn(2, 4, device=torch_xla.device(), requires_grad=True)
+        (cg.gather_from_group(x, 1, t) * 2.0).sum().backward()
+        text = hlo(x.grad)
+        graphs.add(re.sub(r"%[\w.\-]+", "%x", re.sub(r", metadata=\{[^}]*\}", "", text)))
+        assert not re.search(r"\b[fs]64\[", text)
+    assert len(graphs) == 1
