@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from common import forced_kernel, interleaved_medians, parser, print_table, write_json  # noqa: E402
 from feed import FeedTransport, kv_shards  # noqa: E402
 from nxd_cp.attention.all_gather import all_gather_attention  # noqa: E402
-from nxd_cp.attention.kernels import BlockMask, local_attention  # noqa: E402
+from nxd_cp.attention import BlockMask, local_attention  # noqa: E402
 from nxd_cp.attention.ring import ring_attention  # noqa: E402
 from nxd_cp.sharding import shard_sequence  # noqa: E402
 

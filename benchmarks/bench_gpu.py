@@ -5,7 +5,7 @@ CI timings). Three tables, bf16, causal, GQA 32/8 heads, D = 128, interleaved re
 median, ``torch.cuda.synchronize`` around each timed call:
 
 1. the local kernel registry (``local_attention`` on one full causal block: the CUDA SDPA op
-   registered in ``nxd_cp.attention.kernels``) vs ``scaled_dot_product_attention`` on the full
+   registered in ``nxd_cp.attention.dispatch``) vs ``scaled_dot_product_attention`` on the full
    sequence, fwd + bwd TFLOP/s, S up to 128K;
 2. one rank's zigzag schedule at cp = 2, 4, 8 (``feed.FeedTransport``: the library's ring with
    the other ranks' K/V fed locally, no wire) vs full-sequence SDPA time / cp -- the
@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from common import forced_kernel, interleaved_medians, machine_stamp, parser, print_table, write_json  # noqa: E402
 from feed import FeedTransport, kv_shards  # noqa: E402
-from nxd_cp.attention.kernels import BlockMask, local_attention  # noqa: E402
+from nxd_cp.attention import BlockMask, local_attention  # noqa: E402
 from nxd_cp.attention.ring import ring_attention  # noqa: E402
 from nxd_cp.sharding import shard_sequence  # noqa: E402
 

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import parser, print_table, write_json  # noqa: E402
 from nxd_cp.attention.all_gather import all_gather_schedule  # noqa: E402
-from nxd_cp.attention.masks import score_pairs  # noqa: E402
+from nxd_cp.attention.schedule import score_pairs  # noqa: E402
 from nxd_cp.attention.ring import ring_schedule  # noqa: E402
 
 TARGET = 1.01

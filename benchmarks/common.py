@@ -116,7 +116,7 @@ def interleaved_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: i
 @contextlib.contextmanager
 def forced_kernel(kernel: str) -> Iterator[None]:
     """Run the block with ``NXD_CP_KERNEL=kernel`` ("auto": the default registry)."""
-    from nxd_cp.attention.kernels import KERNEL_ENV
+    from nxd_cp.attention.dispatch import KERNEL_ENV
 
     old = os.environ.get(KERNEL_ENV)
     os.environ[KERNEL_ENV] = kernel

@@ -1,7 +1,7 @@
 """One CP rank in one process: a transport that hands the rank what it would receive.
 
 ``FeedTransport`` implements ``nxd_cp.comm.base.Transport`` without any communication, so the
-library's own ``RingAttention`` / ``AllGatherAttention`` run unchanged (same schedule, kernels,
+library's own ring and all-gather streams run unchanged (same schedule, kernels,
 merges, buffer packing and dK/dV accumulation) and only the wire is missing. It is built from
 the packed K/V shards ``[2, B, Hkv, S_local, D]`` of *every* rank of the group:
 
@@ -9,7 +9,7 @@ the packed K/V shards ``[2, B, Hkv, S_local, D]`` of *every* rank of the group:
   ring delivers at that step;
 * ring shift of dK/dV (backward): returns the tensor itself (same shape; the real one would be
   the partial dK/dV of a neighbour -- values that do not change the work);
-* all-gather: the concatenation of all shards in rank order; reduce-scatter: this rank's chunk.
+* all-gather: all shards stacked in rank order (dim 0); reduce-scatter: this rank's chunk.
 
 A K/V shift is told from a dK/dV shift by identity: the blocks this transport returned are
 K/V, and so is the first tensor shifted after ``start_pass()`` (the rank's own packed K/V).
@@ -59,9 +59,9 @@ class FeedTransport(Transport):
         return PendingTensor(self.shards[(src - direction) % self.size])
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        if x.dim() != 5:
+        if x.dim() != 6 or dim != 0:
             raise NotImplementedError("FeedTransport feeds packed K/V only (no key-padding mask)")
-        return torch.cat(self.shards, dim=dim)
+        return torch.stack(self.shards)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         self._check_divisible(x, dim, "reduce_scatter")
@@ -70,6 +70,3 @@ class FeedTransport(Transport):
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
-
-    def all_to_all(self, x, scatter_dim, gather_dim):
-        raise NotImplementedError("FeedTransport: all_to_all is not used by CP attention")

@@ -34,6 +34,10 @@ SECTIONS = [  # (json name, title, what it measures)
      "ranks vs one rank."),
     ("bench_gpu", "GPU", "Local kernels in TFLOP/s and one rank's zigzag schedule vs full / cp "
      "on CUDA."),
+    ("bench_xla_graph", "XLA graph",
+     "One layer's CP attention (fwd + bwd) as lowered by torch-xla: HLO size, collectives, "
+     "distinct graphs over all ranks, XLA:CPU compile time and compiled peak memory, beside "
+     "the revision before the rank-independent graph."),
 ]
 
 

@@ -31,7 +31,8 @@ echo "results: $results"
 # efficiency benchmark compares both sides at the same count.
 export OMP_NUM_THREADS=1
 
-benches=(bench_load_balance bench_comm bench_memory bench_cpu_efficiency bench_e2e_cpu bench_gpu)
+benches=(bench_load_balance bench_comm bench_memory bench_cpu_efficiency bench_e2e_cpu bench_gpu
+         bench_xla_graph)
 declare -A extra=([bench_cpu_efficiency]="--threads 1")
 failed=()
 start=$SECONDS

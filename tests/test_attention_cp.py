@@ -11,6 +11,7 @@ differences are fp32 summation order). bf16: TransformerEngine's bounds (atol = 
 3.5e-2 with GQA), and no worse than 2x the error of full-sequence bf16 SDPA without CP.
 """
 import itertools
+import os
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from harness import run_ranks
 from nxd_cp import parallel_state as ps
 from nxd_cp.attention import context_parallel_attention, register_kernel
 from nxd_cp.attention.kernels import TorchBlockKernel
+from nxd_cp.comm.base import RANK_AS_TENSOR_ENV
 from nxd_cp.sharding import shard_sequence, unshard_sequence
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
@@ -42,7 +44,7 @@ def make_cases(cp):
         cases.append(dict(comm=comm, causal=mask != "bidirectional", window=window,
                           layout=layout, heads=HEADS[i % 3], d=(64, 80)[i % 2], s=s,
                           kernel="torch-small-tiles" if i % 2 else "default",
-                          dtype=torch.float32, padding=False))
+                          dtype=torch.float32, padding=False, rank_as_tensor=bool(i // 2 % 2)))
     return cases
 
 
@@ -56,10 +58,11 @@ def bf16_cases():
 def padding_cases():
     """Left padding plus a window small enough that whole query rows see no key."""
     return [dict(comm=c, causal=True, window=4, layout="zigzag", heads=(8, 2), d=64, s=128,
-                 kernel=k, dtype=torch.float32, padding=True)
-            for c, k in (("p2p", "default"), ("all_gather", "torch-small-tiles"))] + \
+                 kernel=k, dtype=torch.float32, padding=True, rank_as_tensor=t)
+            for c, k, t in (("p2p", "default", True), ("all_gather", "torch-small-tiles", True),
+                            ("p2p", "default", False))] + \
         [dict(comm=c, causal=causal, window=None, layout="zigzag", heads=(4, 2), d=64, s=128,
-              kernel="default", dtype=torch.float32, padding=True)
+              kernel="default", dtype=torch.float32, padding=True, rank_as_tensor=causal)
          for c, causal in (("p2p", True), ("all_gather", False))]
 
 
@@ -115,6 +118,8 @@ def _run_case(case, rank_in_cp, cp, tp_rank, inputs):
     ref, dq_ref, dk_ref, dv_ref, dead = _reference(q, k, v, dout, keep, case)
     ql, kl, vl = [shard(t).to(dtype).requires_grad_() for t in (q, k, v)]
     previous = register_kernel("cpu", SMALL_TILES) if case["kernel"] != "default" else None
+    # The rank as a tensor: the rank-independent (XLA) form of the schedule, run on gloo.
+    os.environ[RANK_AS_TENSOR_ENV] = "1" if case.get("rank_as_tensor") else "0"
     try:
         out = context_parallel_attention(
             ql, kl, vl, causal=case["causal"], comm_type=case["comm"],
@@ -122,6 +127,7 @@ def _run_case(case, rank_in_cp, cp, tp_rank, inputs):
             key_padding_mask=shard(keep, 1) if case["padding"] else None)
         out.backward(shard(dout).to(dtype))
     finally:
+        os.environ[RANK_AS_TENSOR_ENV] = "0"
         if case["kernel"] != "default":
             register_kernel("cpu", previous)
     full_out = unshard_sequence(out.detach(), 2, load_balance=layout)
@@ -171,7 +177,8 @@ def _scenario(rank, world, tp, cases):
 def _describe(case):
     return (f"{case['comm']} causal={case['causal']} window={case['window']} {case['layout']} "
             f"heads={case['heads']} d={case['d']} s={case['s']} kernel={case['kernel']} "
-            f"{case['dtype']} padding={case['padding']}")
+            f"{case['dtype']} padding={case['padding']} "
+            f"rank_as_tensor={case.get('rank_as_tensor', False)}")
 
 
 def _check(all_results, cases):

@@ -4,7 +4,7 @@ import torch
 
 from nxd_cp.attention import context_parallel_attention
 from nxd_cp.attention.all_gather import all_gather_schedule
-from nxd_cp.attention.masks import score_pairs
+from nxd_cp.attention.schedule import score_pairs
 from nxd_cp.attention.ring import ring_schedule
 from nxd_cp.comm.base import GroupSpec
 
@@ -35,8 +35,9 @@ def test_ring_steps_are_half_blocks(cp):
         steps = ring_schedule(r, cp, s, "zigzag", True, None)
         assert len(steps[0]) == 1 and steps[0][0].mask is not None  # one local causal call
         for step in steps[1:]:
-            assert len(step) == 1 and step[0].mask is None  # one unmasked call per step
-            assert step[0].score_pairs == s_local * s_local // 2  # half a block
+            # Two unmasked half-by-half calls per step: half a block.
+            assert len(step) == 2 and all(t.mask is None for t in step)
+            assert score_pairs(step) == s_local * s_local // 2
 
 
 def test_window_skips_far_blocks():

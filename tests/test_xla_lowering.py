@@ -48,8 +48,6 @@ def test_primitives_lower_with_replica_groups(kind, groups):
     assert rs and f"replica_groups={groups}" in rs[-1] and "dimensions={2}" in rs[-1]
     ar = ops(hlo(t.all_reduce(x)), "all-reduce")
     assert ar and f"replica_groups={groups}" in ar[-1]
-    a2a = ops(hlo(t.all_to_all(x, scatter_dim=1, gather_dim=2)), "all-to-all")
-    assert a2a and f"replica_groups={groups}" in a2a[-1]
 
 
 def test_ring_shift_pairs_both_directions():
@@ -74,3 +72,27 @@ def test_autograd_wrappers_lower_to_their_backward_collectives():
     perm = ops(hlo(x2.grad), "collective-permute")
     # The gradient travels the reverse ring; for a 2-ring the pairs coincide.
     assert perm and "source_target_pairs={{0,2},{2,0},{1,3},{3,1}}" in perm[-1]
+
+
+def test_rank_is_device_data_on_xla():
+    """The CP rank reaches XLA graphs as an int32 [1] tensor (a graph input), never a constant."""
+    for rank in (0, 1):
+        t = transport("context", rank=2 * rank)
+        value = t.rank_value(torch_xla.device())
+        assert value.dtype == torch.int32 and tuple(value.shape) == (1,)
+        assert value.device.type == "xla" and value.cpu().tolist() == [rank]
+        assert "parameter(0)" in hlo(value + 0)
+
+
+def test_own_chunk_of_gather_from_group_is_rank_independent():
+    """The TP gather_output backward keeps its own chunk by a device-data index: same graph on
+    every rank (the Python-int form would slice [0:2] on one rank and [2:4] on the other)."""
+    graphs = set()
+    for rank in (0, 1):
+        t = transport("tensor", rank=rank)
+        x = torch.randn(2, 4, device=torch_xla.device(), requires_grad=True)
+        (cg.gather_from_group(x, 1, t) * 2.0).sum().backward()
+        text = hlo(x.grad)
+        graphs.add(re.sub(r"%[\w.\-]+", "%x", re.sub(r", metadata=\{[^}]*\}", "", text)))
+        assert not re.search(r"\b[fs]64\[", text)
+    assert len(graphs) == 1

@@ -4,6 +4,7 @@ Public: ``context_parallel_attention`` (see ``api.py``); ``local_attention``, ``
 ``register_kernel`` for plugging a device kernel in.
 """
 from nxd_cp.attention.api import context_parallel_attention
-from nxd_cp.attention.kernels import BlockMask, local_attention, register_kernel
+from nxd_cp.attention.dispatch import local_attention, register_kernel
+from nxd_cp.attention.schedule import BlockMask
 
 __all__ = ["context_parallel_attention", "local_attention", "BlockMask", "register_kernel"]

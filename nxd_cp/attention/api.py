@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 
 from nxd_cp.attention.all_gather import all_gather_attention
-from nxd_cp.attention.kernels import BlockMask, local_attention
+from nxd_cp.attention.dispatch import local_attention
 from nxd_cp.attention.ring import ring_attention
+from nxd_cp.attention.schedule import BlockMask
 from nxd_cp.comm import get_transport
 from nxd_cp.sharding import check_load_balance, check_sequence_length
 

@@ -1,106 +1,59 @@
-"""Local block attention: one (Q block, KV block) pair, returning ``(out, lse)`` for LSE merging.
+"""The pure-torch block kernel: one (Q block, KV block) pair, returning ``(out, lse)``.
 
 Layouts: ``q`` ``[B, Hq, Sq, D]``, ``k``/``v`` ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0``; query
 head ``h`` reads KV head ``h // (Hq // Hkv)`` (the ``repeat_interleave`` convention of SDPA's
 ``enable_gqa``). ``out`` fp32 ``[B, Hq, Sq, D]``, ``lse`` fp32 ``[B, Hq, Sq]`` (natural log).
-Which keys a query sees comes from global positions (``BlockMask``) and an optional key-padding
-mask ``kv_keep`` bool ``[B, Sk]``.
+Which keys a query sees comes from global positions (``BlockMask``, static ints or device data)
+and an optional key-padding mask ``kv_keep`` bool ``[B, Sk]``.
 
-Kernels: the pure-torch blockwise kernel (``TorchBlockKernel``) is the reference, the XLA/Neuron
-path and the fallback of every device. ``register_kernel`` plugs a faster one in per device type
-(built in: the fused SDPA ops on CPU and CUDA, for the masks they compute exactly); an NKI kernel
-would register for ``"xla"``. ``NXD_CP_KERNEL=torch`` forces the pure-torch kernel everywhere.
+``TorchBlockKernel`` is the reference, the CPU fallback and — with large tiles — the XLA kernel
+(``dispatch.XLA_BLOCK``): on XLA every tile is unrolled into the graph, so large tiles keep the
+graph small and let the compiler tile the matmuls. No f64 and no s64 in what it lowers to:
+comparisons are against tensors of the same dtype (a Python scalar operand of a comparison
+lowers to f64/s64), positions are int32.
 """
 from __future__ import annotations
 
-import enum
-import math
-import os
-from dataclasses import dataclass
 from typing import Dict, Optional, Protocol, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from nxd_cp.attention.schedule import BlockMask, Visibility, visibility
 
 DEFAULT_TILE_Q = 256
 DEFAULT_TILE_K = 512
-KERNEL_ENV = "NXD_CP_KERNEL"
 
 _NEG_INF = float("-inf")
+_LOWEST = torch.finfo(torch.float32).min
 
 
-@dataclass(frozen=True)
-class BlockMask:
-    """Visibility inside one (Q block, KV block) pair, from global positions.
-
-    The Q block holds global positions ``q_start .. q_start+Sq-1`` and the KV block
-    ``k_start .. k_start+Sk-1`` (contiguous ranges). The key at position ``kp`` is visible to
-    the query at ``qp`` iff ``(not causal or kp <= qp) and (window is None or qp - kp < window)``
-    (the sliding-window semantics of transformers' ``masking_utils``).
-    """
-    q_start: int
-    k_start: int
-    causal: bool = True
-    window: Optional[int] = None
-
-    def __post_init__(self):
-        if self.window is not None and not self.causal:
-            raise ValueError(f"window={self.window} requires causal=True")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"window={self.window} must be >= 1")
-
-
-class Visibility(enum.Enum):
-    EMPTY = 0
-    FULL = 1
-    PARTIAL = 2
-
-
-def visibility(mask: Optional[BlockMask], q0: int, q1: int, k0: int, k1: int) -> Visibility:
-    """Static class of the query positions ``[q0, q1)`` against the key positions ``[k0, k1)``."""
-    if mask is None or not mask.causal:
-        return Visibility.FULL
-    min_gap, max_gap = q0 - (k1 - 1), (q1 - 1) - k0  # extremes of qp - kp over the tile
-    if max_gap < 0 or (mask.window is not None and min_gap >= mask.window):
-        return Visibility.EMPTY
-    if min_gap >= 0 and (mask.window is None or max_gap < mask.window):
-        return Visibility.FULL
-    return Visibility.PARTIAL
-
-
-def _position_mask(mask: BlockMask, q0: int, q1: int, k0: int, k1: int,
-                   device: torch.device) -> Tensor:
-    """Bool ``[q1-q0, k1-k0]``: visibility of global key positions ``[k0, k1)`` to ``[q0, q1)``."""
-    gap = (torch.arange(q0, q1, device=device).unsqueeze(1)
-           - torch.arange(k0, k1, device=device).unsqueeze(0))
-    visible = gap >= 0
+def position_mask(mask: BlockMask, q0: int, q1: int, k0: int, k1: int,
+                  device: torch.device) -> Tensor:
+    """Bool ``[q1-q0, k1-k0]``: visibility of block-local keys ``[k0, k1)`` to queries
+    ``[q0, q1)`` (int32 positions; ``mask.q_start`` may be device data)."""
+    rows = torch.arange(q1 - q0, dtype=torch.int32, device=device).unsqueeze(1)
+    cols = torch.arange(k1 - k0, dtype=torch.int32, device=device).unsqueeze(0)
+    gap = (rows - cols) + (q0 - k0 - mask.k_start) + mask.q_start
+    visible = gap >= gap.new_zeros(())
     if mask.window is not None:
-        visible = visible & (gap < mask.window)
+        visible = visible & (gap < gap.new_full((), mask.window))
     return visible
 
 
-def _check_shapes(q: Tensor, k: Tensor, v: Tensor, kv_keep: Optional[Tensor]) -> None:
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
-                         f"[B, H, S, D] with k.shape == v.shape")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need equal B and D and "
-                         f"Hq % Hkv == 0")
-    if kv_keep is not None and tuple(kv_keep.shape) != (k.shape[0], k.shape[2]):
-        raise ValueError(f"kv_keep {tuple(kv_keep.shape)} must be [B, Sk] = "
-                         f"{(k.shape[0], k.shape[2])}")
-
-
-def _group_heads(x: Tensor, hkv: int) -> Tensor:
+def group_heads(x: Tensor, hkv: int) -> Tensor:
     """``[B, Hq, S, ...]`` -> ``[B, Hkv, G, S, ...]`` (a view): the query heads of each KV head."""
     return x.unflatten(1, (hkv, x.shape[1] // hkv))
 
 
-def _finite_lse(lse: Tensor) -> Tensor:
+def finite_lse(lse: Tensor) -> Tensor:
     """``lse`` with ``-inf`` (rows with no visible key) replaced by ``+inf``, so that the
     recomputed probabilities ``exp(s - lse)`` of those rows are 0 instead of NaN."""
-    return torch.where(lse == _NEG_INF, torch.full_like(lse, float("inf")), lse)
+    return torch.where(torch.isneginf(lse), float("inf"), lse)
+
+
+def _cat(parts, dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 class BlockKernel(Protocol):
@@ -141,13 +94,15 @@ class TorchBlockKernel:
     def _tiles(self, q: Tensor, k: Tensor, mask: Optional[BlockMask]):
         """Yield ``(q0, q1, [(k0, k1, vis), ...])`` for every q tile, empty k tiles left out."""
         sq, sk = q.shape[2], k.shape[2]
-        qs, ks = (mask.q_start, mask.k_start) if mask is not None else (0, 0)
+        static = mask is not None and mask.is_static
+        qs, ks = (mask.q_start, mask.k_start) if static else (0, 0)
         for q0 in range(0, sq, self.tile_q):
             q1 = min(q0 + self.tile_q, sq)
             ktiles = []
             for k0 in range(0, sk, self.tile_k):
                 k1 = min(k0 + self.tile_k, sk)
-                vis = visibility(mask, qs + q0, qs + q1, ks + k0, ks + k1)
+                vis = (visibility(mask, qs + q0, qs + q1, ks + k0, ks + k1) if static
+                       else visibility(mask, 0, 0, 0, 0))
                 if vis is not Visibility.EMPTY:
                     ktiles.append((k0, k1, vis))
             yield q0, q1, ktiles
@@ -167,8 +122,7 @@ class TorchBlockKernel:
         s = s.unflatten(2, (groups, q1 - q0))  # [B, Hkv, G, tq, tk]
         visible = None
         if vis is Visibility.PARTIAL:
-            visible = _position_mask(mask, mask.q_start + q0, mask.q_start + q1,
-                                     mask.k_start + k0, mask.k_start + k1, s.device)
+            visible = position_mask(mask, q0, q1, k0, k1, s.device)
         if kv_keep is not None:
             keep = kv_keep[:, k0:k1].reshape(kv_keep.shape[0], 1, 1, 1, k1 - k0)
             visible = keep if visible is None else keep & visible
@@ -178,47 +132,55 @@ class TorchBlockKernel:
                 mask: Optional[BlockMask] = None,
                 kv_keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """See ``block_attention_forward``."""
-        _check_shapes(q, k, v, kv_keep)
         b, hq, _, d = q.shape
         hkv = k.shape[1]
         g = hq // hkv
-        qf, kf, vf = _group_heads(q.float(), hkv), k.float(), v.float()
+        qf, kf, vf = group_heads(q.float(), hkv), k.float(), v.float()
         outs, lses = [], []
         for q0, q1, ktiles in self._tiles(q, k, mask):
             qt = qf[:, :, :, q0:q1].flatten(2, 3)  # [B, Hkv, G*tq, D]
             rows = qt.shape[2]
-            row_max = qt.new_full((b, hkv, rows), _NEG_INF)
-            row_sum = qt.new_zeros((b, hkv, rows))
-            acc = qt.new_zeros((b, hkv, rows, d))
+            row_max = row_sum = acc = None
             for k0, k1, vis in ktiles:
                 s = self._scores(qt, kf[:, :, k0:k1], scale, g, vis, mask, kv_keep, q0, q1, k0, k1)
-                new_max = torch.maximum(row_max, s.amax(-1))
-                # Rows that have seen no visible key yet keep max -inf: shift by 0 instead.
-                shift = torch.where(new_max == _NEG_INF, 0.0, new_max)
+                new_max = s.amax(-1) if row_max is None else torch.maximum(row_max, s.amax(-1))
+                # Rows that see no key have max -inf: shift them by the lowest float instead
+                # (exp still gives 0, and lse = shift + log(0) = -inf).
+                shift = new_max.clamp_min(_LOWEST)
                 p = torch.exp(s - shift.unsqueeze(-1))
-                rescale = torch.exp(row_max - shift)
-                row_sum = row_sum * rescale + p.sum(-1)
-                acc = acc * rescale.unsqueeze(-1) + torch.matmul(p, vf[:, :, k0:k1])
+                pv = torch.matmul(p, vf[:, :, k0:k1])
+                if row_max is None:  # first tile: nothing to rescale (keeps the graph small)
+                    row_sum, acc = p.sum(-1), pv
+                else:
+                    rescale = torch.exp(row_max - shift)
+                    row_sum = row_sum * rescale + p.sum(-1)
+                    acc = acc * rescale.unsqueeze(-1) + pv
                 row_max = new_max
-            shift = torch.where(row_max == _NEG_INF, 0.0, row_max)
+            if row_max is None:  # every key tile of this row tile is invisible
+                shift = qt.new_zeros((b, hkv, rows))
+                row_sum = qt.new_zeros((b, hkv, rows))
+                acc = qt.new_zeros((b, hkv, rows, d))
+            elif len(ktiles) > 1:
+                shift = row_max.clamp_min(_LOWEST)
             lses.append((shift + torch.log(row_sum)).unflatten(2, (g, q1 - q0)))
-            norm = torch.where(row_sum == 0, 1.0, row_sum)  # empty rows: acc is 0, out 0
+            # A row that sees a key has row_sum >= 1 (its max term is exp(0)); empty rows have
+            # row_sum = 0 and acc = 0: dividing by 1 gives out = 0.
+            norm = row_sum.clamp_min(1.0)
             outs.append((acc / norm.unsqueeze(-1)).unflatten(2, (g, q1 - q0)))
-        out = torch.cat(outs, dim=3).flatten(1, 2)
-        lse = torch.cat(lses, dim=3).flatten(1, 2)
+        out = _cat(outs, 3).flatten(1, 2)
+        lse = _cat(lses, 3).flatten(1, 2)
         return out, lse
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  *, scale: float, mask: Optional[BlockMask] = None,
                  kv_keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """See ``block_attention_backward``."""
-        _check_shapes(q, k, v, kv_keep)
         hkv = k.shape[1]
         g = q.shape[1] // hkv
-        qf, kf, vf = _group_heads(q.float(), hkv), k.float(), v.float()
-        dof = _group_heads(dout.float(), hkv)
-        delta = _group_heads((dout.float() * out).sum(-1), hkv)  # rowsum(dout * merged out)
-        lse_f = _group_heads(_finite_lse(lse), hkv)
+        qf, kf, vf = group_heads(q.float(), hkv), k.float(), v.float()
+        dof = group_heads(dout.float(), hkv)
+        delta = group_heads((dout.float() * out).sum(-1), hkv)  # rowsum(dout * merged out)
+        lse_f = group_heads(finite_lse(lse), hkv)
         dk_tiles: Dict[int, Tensor] = {}
         dv_tiles: Dict[int, Tensor] = {}
         dq_tiles = []
@@ -240,7 +202,7 @@ class TorchBlockKernel:
                 dk_tiles[k0] = dk_tiles[k0] + dk_t if k0 in dk_tiles else dk_t
                 dv_tiles[k0] = dv_tiles[k0] + dv_t if k0 in dv_tiles else dv_t
             dq_tiles.append(dq_t.unflatten(2, (g, q1 - q0)))
-        dq = torch.cat(dq_tiles, dim=3).flatten(1, 2) * scale
+        dq = _cat(dq_tiles, 3).flatten(1, 2) * scale
         dk = self._gather_tiles(dk_tiles, kf) * scale
         dv = self._gather_tiles(dv_tiles, vf)
         return dq, dk, dv
@@ -250,179 +212,4 @@ class TorchBlockKernel:
         sk = like.shape[2]
         parts = [tiles[k0] if k0 in tiles else torch.zeros_like(like[:, :, k0:k0 + self.tile_k])
                  for k0 in range(0, sk, self.tile_k)]
-        return torch.cat(parts, dim=2)
-
-
-def _fused_is_causal(q: Tensor, k: Tensor, mask: Optional[BlockMask]) -> Optional[bool]:
-    """The ``is_causal`` flag under which a fused SDPA op computes ``mask`` exactly, or None.
-
-    Exact cases: every key visible (``False``), or a diagonal block with a causal mask whose
-    window (if any) covers the whole block (``True``: top-left causal, as Sq == Sk).
-    """
-    sq, sk = q.shape[2], k.shape[2]
-    if mask is None:
-        return False
-    vis = visibility(mask, mask.q_start, mask.q_start + sq, mask.k_start, mask.k_start + sk)
-    if vis is Visibility.FULL:
-        return False
-    diagonal = mask.q_start == mask.k_start and sq == sk
-    if vis is Visibility.PARTIAL and diagonal and (mask.window is None or mask.window >= sq):
-        return True
-    return None
-
-
-class CpuFlashKernel:
-    """CPU fused flash attention (``aten._scaled_dot_product_flash_attention_for_cpu``).
-
-    The op returns the fp32 logsumexp, handles Hq != Hkv itself (dK/dV come back per KV head)
-    and its backward accepts the merged ``out``/``lse`` of the row. It runs in fp32 here: exact
-    to the fp32 API, and on CPUs without bf16 matrix units the fp32 op is also the faster one.
-    """
-
-    def supports(self, q, k, mask, kv_keep) -> bool:
-        return (kv_keep is None and q.is_floating_point()
-                and _fused_is_causal(q, k, mask) is not None)
-
-    def forward(self, q, k, v, *, scale, mask=None, kv_keep=None):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.float(), k.float(), v.float(), 0.0, _fused_is_causal(q, k, mask), scale=scale)
-        return out, lse
-
-    def backward(self, dout, q, k, v, out, lse, *, scale, mask=None, kv_keep=None):
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.float(), q.float(), k.float(), v.float(), out.float(), _finite_lse(lse.float()),
-            0.0, _fused_is_causal(q, k, mask), scale=scale)
-        return dq, dk, dv
-
-
-class CudaSdpaKernel:
-    """CUDA memory-efficient attention (``aten._scaled_dot_product_efficient_attention``).
-
-    Not yet verified on a GPU in CI (argument order checked against the op schemas and meta
-    kernels of torch 2.9 only). Runs in the input dtype (fp16/bf16/fp32); the op needs equal
-    head counts, so K/V heads are repeated locally and dK/dV summed back per KV head. Its
-    logsumexp is padded on the sequence dim to a multiple of 32 (not on ROCm): sliced on the
-    way out, padded again for the backward.
-    """
-
-    _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-    def supports(self, q, k, mask, kv_keep) -> bool:
-        return (kv_keep is None and q.dtype in self._DTYPES and q.shape[3] % 8 == 0
-                and _fused_is_causal(q, k, mask) is not None)
-
-    @staticmethod
-    def _expand(x: Tensor, groups: int) -> Tensor:
-        return x.repeat_interleave(groups, dim=1) if groups > 1 else x
-
-    def forward(self, q, k, v, *, scale, mask=None, kv_keep=None):
-        g = q.shape[1] // k.shape[1]
-        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, self._expand(k, g), self._expand(v, g), None, True, 0.0,
-            _fused_is_causal(q, k, mask), scale=scale)
-        return out.float(), lse[:, :, :q.shape[2]].float()
-
-    def backward(self, dout, q, k, v, out, lse, *, scale, mask=None, kv_keep=None):
-        hkv, sq = k.shape[1], q.shape[2]
-        g = q.shape[1] // hkv
-        lse = _finite_lse(lse.float())
-        if not torch.version.hip:
-            lse = F.pad(lse, (0, -sq % 32))
-        no_dropout = torch.zeros((), dtype=torch.int64, device=q.device)  # philox seed/offset
-        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout.to(q.dtype), q, self._expand(k, g), self._expand(v, g), None,
-            out.to(q.dtype), lse.contiguous(), no_dropout, no_dropout, 0.0,
-            [True, True, True, False], _fused_is_causal(q, k, mask), scale=scale)
-        dk, dv = (_group_heads(x.float(), hkv).sum(2) for x in (dk, dv))
-        return dq.float(), dk, dv
-
-
-REFERENCE_KERNEL = TorchBlockKernel()
-_KERNELS: Dict[str, BlockKernel] = {"cpu": CpuFlashKernel(), "cuda": CudaSdpaKernel()}
-
-
-def register_kernel(device_type: str, kernel: Optional[BlockKernel]) -> Optional[BlockKernel]:
-    """Use ``kernel`` for tensors on ``device_type`` (``"cpu"``, ``"cuda"``, ``"xla"``) where it
-    ``supports`` the call; ``None`` unregisters. Returns the kernel registered before."""
-    previous = _KERNELS.pop(device_type, None)
-    if kernel is not None:
-        _KERNELS[device_type] = kernel
-    return previous
-
-
-def get_kernel(device_type: str) -> BlockKernel:
-    """The kernel for ``device_type``: the registered one, else the pure-torch reference;
-    always the reference under ``NXD_CP_KERNEL=torch``."""
-    choice = os.environ.get(KERNEL_ENV, "auto")
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"{KERNEL_ENV}={choice!r} must be 'auto' or 'torch'")
-    if choice == "torch":
-        return REFERENCE_KERNEL
-    return _KERNELS.get(device_type, REFERENCE_KERNEL)
-
-
-def _select(q: Tensor, k: Tensor, v: Tensor, mask: Optional[BlockMask],
-            kv_keep: Optional[Tensor]) -> BlockKernel:
-    _check_shapes(q, k, v, kv_keep)
-    kernel = get_kernel(q.device.type)
-    return kernel if kernel.supports(q, k, mask, kv_keep) else REFERENCE_KERNEL
-
-
-def block_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
-                            mask: Optional[BlockMask] = None,
-                            kv_keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Attention of one Q block over one KV block, as a partial result for LSE merging.
-
-    ``q`` ``[B, Hq, Sq, D]``, ``k``/``v`` ``[B, Hkv, Sk, D]`` (``Hq % Hkv == 0``; K/V are not
-    repeated by the caller). ``mask`` None: every key visible. ``kv_keep``: optional bool
-    ``[B, Sk]``, True = the key may be attended. Returns ``out`` fp32 ``[B, Hq, Sq, D]`` and
-    ``lse`` fp32 ``[B, Hq, Sq]``, the natural-log logsumexp of ``scale * q.k`` over the visible
-    keys. Rows with no visible key: ``out = 0``, ``lse = -inf``. Dispatches on ``q.device.type``.
-    """
-    kernel = _select(q, k, v, mask, kv_keep)
-    return kernel.forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep)
-
-
-def block_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                             lse: Tensor, *, scale: float, mask: Optional[BlockMask] = None,
-                             kv_keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of one (Q block, KV block) pair, FlashAttention-style recompute.
-
-    ``out`` fp32 ``[B, Hq, Sq, D]`` and ``lse`` fp32 ``[B, Hq, Sq]`` are the final *merged*
-    results of the rows (over all KV blocks), not this block's partials; ``dout`` has ``q``'s
-    shape, any float dtype. Returns fp32 ``dq``, ``dk``, ``dv`` with the shapes of ``q``, ``k``,
-    ``v`` (``dk``/``dv`` summed over the query heads of each KV head). Rows with
-    ``lse = -inf`` contribute nothing.
-    """
-    kernel = _select(q, k, v, mask, kv_keep)
-    return kernel.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, kv_keep=kv_keep)
-
-
-class _LocalAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, mask, kv_keep):
-        out, lse = block_attention_forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep)
-        # Saved in the input dtype (as the CP paths and FlashAttention do) and in [B, S, H, D]
-        # memory order (see merge.empty_accumulators).
-        b, h, s, d = q.shape
-        out = q.new_empty((b, s, h, d)).transpose(1, 2).copy_(out)
-        ctx.save_for_backward(q, k, v, out, lse, kv_keep)
-        ctx.scale, ctx.mask = scale, mask
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, kv_keep = ctx.saved_tensors
-        dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, scale=ctx.scale,
-                                              mask=ctx.mask, kv_keep=kv_keep)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
-
-
-def local_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
-                    mask: Optional[BlockMask] = None, kv_keep: Optional[Tensor] = None) -> Tensor:
-    """Differentiable attention of one block, ``out`` ``[B, Hq, Sq, D]`` in ``q.dtype``.
-
-    Shapes and masks as ``block_attention_forward``; ``scale`` None means ``1/sqrt(D)``.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _LocalAttention.apply(q, k, v, scale, mask, kv_keep)
+        return _cat(parts, 2)

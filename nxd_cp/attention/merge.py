@@ -28,7 +28,7 @@ def merge_partial(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> Tup
     """
     # -inf - -inf is NaN: rows empty on both sides get a difference of 0 (both outs are 0).
     diff = torch.where(lse_b == lse, torch.zeros_like(lse), lse_b - lse)
-    merged_out = out - torch.sigmoid(diff).unsqueeze(-1) * (out - out_b)
+    merged_out = torch.lerp(out, out_b, torch.sigmoid(diff).unsqueeze(-1))
     merged_lse = torch.maximum(lse, lse_b) + torch.log1p(torch.exp(-diff.abs()))
     return merged_out, merged_lse
 

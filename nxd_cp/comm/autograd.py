@@ -21,6 +21,16 @@ import torch
 from nxd_cp.comm.base import Transport
 
 
+def own_chunk(x: torch.Tensor, dim: int, transport: Transport) -> torch.Tensor:
+    """Chunk ``rank`` of ``x`` along ``dim`` (``size`` equal chunks). On XLA the rank is device
+    data (``Transport.rank_value``), so every rank of the group lowers the same graph."""
+    n = transport.size
+    rank = transport.rank_value(x.device)
+    if isinstance(rank, int):
+        return x.chunk(n, dim=dim)[rank].contiguous()
+    return x.unflatten(dim, (n, x.shape[dim] // n)).index_select(dim, rank).squeeze(dim)
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, transport):
@@ -40,8 +50,7 @@ class _GatherFromGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        t = ctx.transport
-        return g.chunk(t.size, dim=ctx.dim)[t.rank].contiguous(), None, None
+        return own_chunk(g, ctx.dim, ctx.transport), None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
@@ -62,7 +71,7 @@ class _ScatterToGroup(torch.autograd.Function):
         if x.shape[dim] % transport.size:
             raise ValueError(f"scatter_to_group: size {x.shape[dim]} of dim {dim} is not "
                              f"divisible by the group size {transport.size}")
-        return x.chunk(transport.size, dim=dim)[transport.rank].contiguous()
+        return own_chunk(x, dim, transport)
 
     @staticmethod
     def backward(ctx, g):

@@ -8,13 +8,24 @@ members (global ranks, in group order), its index among them, every group of the
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import functools
+import os
+import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+RANK_AS_TENSOR_ENV = "NXD_CP_RANK_AS_TENSOR"
+
+
+@functools.lru_cache(maxsize=256)
+def rank_tensor(rank: int, device: torch.device) -> torch.Tensor:
+    """``rank`` as an int32 tensor ``[1]`` on ``device``: device data (a graph input on XLA,
+    like NxD's ``SPMDRank``), created once per (rank, device) and reused every step."""
+    return torch.tensor([rank], dtype=torch.int32).to(device)
 
 
 @dataclass(frozen=True)
@@ -102,8 +113,14 @@ class Transport(ABC):
     def ring_shift_start(self, x: torch.Tensor, direction: int = 1) -> PendingTensor:
         """Start a ring shift; the caller can compute while it travels, then ``wait()``."""
 
-    @abstractmethod
-    def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor: ...
+    def rank_value(self, device: torch.device) -> Union[int, torch.Tensor]:
+        """This rank's group index as the algorithms consume it: a Python int (the fastest
+        form on torch.distributed), or an int32 tensor ``[1]`` on ``device`` where every rank
+        must trace the same graph (XLA). ``NXD_CP_RANK_AS_TENSOR=1`` forces the tensor form
+        here too, so the rank-independent schedule runs (and is tested) on gloo."""
+        if os.environ.get(RANK_AS_TENSOR_ENV, "0") == "1":
+            return rank_tensor(self.rank, device)
+        return self.rank
 
     def ring_shift(self, x: torch.Tensor, direction: int = 1) -> torch.Tensor:
         return self.ring_shift_start(x, direction).wait()
@@ -125,8 +142,10 @@ class Transport(ABC):
 # input, all-reduce 2(n-1)/n, a ring shift the whole tensor). A figure of the algorithm, not of
 # a particular backend's implementation, so it is the same on gloo, NCCL and XLA.
 # ---------------------------------------------------------------------------------------------
-_TALLY: contextvars.ContextVar[Optional["ByteTally"]] = contextvars.ContextVar(
-    "nxd_cp_byte_tally", default=None)
+# Active tallies of the process. Process-wide, not per thread or context: autograd runs device
+# backward on its own worker threads, where a ContextVar set by the caller is not visible.
+_ACTIVE: List["ByteTally"] = []
+_LOCK = threading.Lock()
 
 
 class ByteTally:
@@ -141,27 +160,33 @@ class ByteTally:
         return sum(self.bytes.values())
 
     def add(self, primitive: str, nbytes: int) -> None:
+        """Add one call (the caller holds the tally lock)."""
         self.bytes[primitive] += int(nbytes)
         self.calls[primitive] += 1
 
 
 @contextlib.contextmanager
 def count_bytes() -> Iterator[ByteTally]:
-    """Tally the bytes every transport call on this thread sends while the block runs."""
+    """Tally the bytes every transport call of this process sends while the block runs, on any
+    thread (autograd's backward worker threads included). Nested or concurrent blocks each
+    count every call made while they are active."""
     tally = ByteTally()
-    token = _TALLY.set(tally)
+    with _LOCK:
+        _ACTIVE.append(tally)
     try:
         yield tally
     finally:
-        _TALLY.reset(token)
+        with _LOCK:
+            _ACTIVE.remove(tally)
 
 
 def record(primitive: str, x: torch.Tensor, n: int) -> None:
     """Record the bytes one rank sends for ``primitive`` on tensor ``x`` in a group of ``n``."""
-    tally = _TALLY.get()
-    if tally is None or n == 1:
+    if not _ACTIVE or n == 1:
         return
     nbytes = x.numel() * x.element_size()
     factor = {"all_gather": n - 1, "reduce_scatter": (n - 1) / n, "all_reduce": 2 * (n - 1) / n,
-              "ring_shift": 1, "all_to_all": (n - 1) / n}[primitive]
-    tally.add(primitive, round(nbytes * factor))
+              "ring_shift": 1}[primitive]
+    with _LOCK:
+        for tally in _ACTIVE:
+            tally.add(primitive, round(nbytes * factor))

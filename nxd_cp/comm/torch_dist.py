@@ -70,21 +70,6 @@ class TorchDistTransport(Transport):
         # Keep ``send`` alive until the handles complete.
         return _PendingShift(recv, works, send)
 
-    def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-        n = self.size
-        if n == 1:
-            return x
-        self._check_divisible(x, scatter_dim, "all_to_all")
-        record("all_to_all", x, n)
-        # Chunk i of scatter_dim goes to rank i; received chunks are concatenated on gather_dim.
-        chunks = x.movedim(scatter_dim, 0)
-        chunks = chunks.reshape((n, chunks.shape[0] // n) + chunks.shape[1:]).contiguous()
-        out = torch.empty_like(chunks)
-        dist.all_to_all_single(out, chunks, group=self.pg)
-        # out[i] is rank i's chunk, laid out like x with scatter_dim shrunk by n.
-        pieces = [p.movedim(0, scatter_dim) for p in out.unbind(0)]
-        return torch.cat(pieces, dim=gather_dim)
-
 
 class _PendingShift(PendingTensor):
     def __init__(self, recv, works, send):

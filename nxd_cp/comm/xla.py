@@ -11,7 +11,7 @@ from typing import List
 
 import torch
 
-from nxd_cp.comm.base import PendingTensor, Transport, record
+from nxd_cp.comm.base import PendingTensor, Transport, rank_tensor, record
 from nxd_cp.layout import ring_pairs
 
 
@@ -26,6 +26,10 @@ def _xm():
 
 class XlaTransport(Transport):
     """Collectives over ``group.all_groups`` (every group of the kind: XLA replica groups)."""
+
+    def rank_value(self, device: torch.device) -> torch.Tensor:
+        """The group index as device data: every rank lowers the same graph."""
+        return rank_tensor(self.rank, device)
 
     @property
     def replica_groups(self) -> List[List[int]]:
@@ -61,12 +65,3 @@ class XlaTransport(Transport):
         record("ring_shift", x, self.size)
         pairs = ring_pairs(self.replica_groups, direction)
         return PendingTensor(_xm().collective_permute(x, pairs=pairs))
-
-    def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-        if self.size == 1:
-            return x
-        self._check_divisible(x, scatter_dim, "all_to_all")
-        record("all_to_all", x, self.size)
-        return _xm().all_to_all(x, split_dimension=scatter_dim, concat_dimension=gather_dim,
-                                split_count=self.size, groups=self.replica_groups,
-                                pin_layout=False)

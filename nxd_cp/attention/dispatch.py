@@ -1,0 +1,118 @@
+"""Kernel registry and the block-attention entry points every CP algorithm calls.
+
+``register_kernel`` plugs a kernel in per device type (built in: the fused SDPA ops on CPU and
+CUDA, the large-tile pure-torch kernel on XLA; an NKI kernel would register for ``"xla"``).
+``NXD_CP_KERNEL=torch`` forces the pure-torch reference kernel (small tiles) everywhere.
+Shapes as ``kernels.py``; callers (the CP algorithms, validated once by the api) pass
+consistent shapes, so nothing is re-checked per block.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from nxd_cp.attention.fused import CpuFlashKernel, CudaSdpaKernel
+from nxd_cp.attention.kernels import BlockKernel, TorchBlockKernel
+from nxd_cp.attention.schedule import BlockMask
+
+KERNEL_ENV = "NXD_CP_KERNEL"
+
+REFERENCE_KERNEL = TorchBlockKernel()
+# XLA: the same kernel with large tiles. The graph holds one tile pair per block of at most
+# XLA_BLOCK x XLA_BLOCK (the zigzag halves up to S_local = 2*XLA_BLOCK are one tile), so its
+# size does not grow with the sequence; the scores buffer of a tile is
+# B * Hq * XLA_BLOCK^2 * 4 bytes. Register another TorchBlockKernel(tile_q, tile_k) for "xla"
+# to trade graph size against that buffer.
+XLA_BLOCK = 2048
+_KERNELS: Dict[str, BlockKernel] = {"cpu": CpuFlashKernel(), "cuda": CudaSdpaKernel(),
+                                    "xla": TorchBlockKernel(XLA_BLOCK, XLA_BLOCK)}
+
+
+def register_kernel(device_type: str, kernel: Optional[BlockKernel]) -> Optional[BlockKernel]:
+    """Use ``kernel`` for tensors on ``device_type`` (``"cpu"``, ``"cuda"``, ``"xla"``) where it
+    ``supports`` the call; ``None`` unregisters. Returns the kernel registered before."""
+    previous = _KERNELS.pop(device_type, None)
+    if kernel is not None:
+        _KERNELS[device_type] = kernel
+    return previous
+
+
+def get_kernel(device_type: str) -> BlockKernel:
+    """The kernel for ``device_type``: the registered one, else the pure-torch reference;
+    always the reference under ``NXD_CP_KERNEL=torch``."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r} must be 'auto' or 'torch'")
+    if choice == "torch":
+        return REFERENCE_KERNEL
+    return _KERNELS.get(device_type, REFERENCE_KERNEL)
+
+
+def _select(q: Tensor, k: Tensor, v: Tensor, mask: Optional[BlockMask],
+            kv_keep: Optional[Tensor]) -> BlockKernel:
+    kernel = get_kernel(q.device.type)
+    return kernel if kernel.supports(q, k, mask, kv_keep) else REFERENCE_KERNEL
+
+
+def block_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
+                            mask: Optional[BlockMask] = None,
+                            kv_keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Attention of one Q block over one KV block, as a partial result for LSE merging.
+
+    ``q`` ``[B, Hq, Sq, D]``, ``k``/``v`` ``[B, Hkv, Sk, D]`` (``Hq % Hkv == 0``; K/V are not
+    repeated by the caller). ``mask`` None: every key visible. ``kv_keep``: optional bool
+    ``[B, Sk]``, True = the key may be attended. Returns ``out`` fp32 ``[B, Hq, Sq, D]`` and
+    ``lse`` fp32 ``[B, Hq, Sq]``, the natural-log logsumexp of ``scale * q.k`` over the visible
+    keys. Rows with no visible key: ``out = 0``, ``lse = -inf``. Dispatches on ``q.device.type``.
+    """
+    kernel = _select(q, k, v, mask, kv_keep)
+    return kernel.forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep)
+
+
+def block_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                             lse: Tensor, *, scale: float, mask: Optional[BlockMask] = None,
+                             kv_keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one (Q block, KV block) pair, FlashAttention-style recompute.
+
+    ``out`` fp32 ``[B, Hq, Sq, D]`` and ``lse`` fp32 ``[B, Hq, Sq]`` are the final *merged*
+    results of the rows (over all KV blocks), not this block's partials; ``dout`` has ``q``'s
+    shape, any float dtype. Returns fp32 ``dq``, ``dk``, ``dv`` with the shapes of ``q``, ``k``,
+    ``v`` (``dk``/``dv`` summed over the query heads of each KV head). Rows with
+    ``lse = -inf`` contribute nothing.
+    """
+    kernel = _select(q, k, v, mask, kv_keep)
+    return kernel.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, kv_keep=kv_keep)
+
+
+class _LocalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, mask, kv_keep):
+        out, lse = block_attention_forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep)
+        # Saved in the input dtype (as the CP paths and FlashAttention do) and in [B, S, H, D]
+        # memory order (see merge.empty_accumulators).
+        b, h, s, d = q.shape
+        out = q.new_empty((b, s, h, d)).transpose(1, 2).copy_(out)
+        ctx.save_for_backward(q, k, v, out, lse, kv_keep)
+        ctx.scale, ctx.mask = scale, mask
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, kv_keep = ctx.saved_tensors
+        dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, scale=ctx.scale,
+                                              mask=ctx.mask, kv_keep=kv_keep)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
+                    mask: Optional[BlockMask] = None, kv_keep: Optional[Tensor] = None) -> Tensor:
+    """Differentiable attention of one block, ``out`` ``[B, Hq, Sq, D]`` in ``q.dtype``.
+
+    Shapes and masks as ``block_attention_forward``; ``scale`` None means ``1/sqrt(D)``.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _LocalAttention.apply(q, k, v, scale, mask, kv_keep)
