@@ -33,6 +33,7 @@ from nxd_cp.models.common import (ArchSpec, Partition, check_sizes, get_path, ma
                                   partitions, set_path, shard_of)
 from nxd_cp.models.gpt_neox import GPT_NEOX
 from nxd_cp.models.llama import LLAMA, MISTRAL
+from nxd_cp.models.rope import wrap_length_dependent
 from nxd_cp.sharding import check_load_balance
 
 ARCHITECTURES = (LLAMA, MISTRAL, GPT_NEOX)
@@ -212,6 +213,7 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
         get_path(model, spec.lm_head).weight = get_path(
             model, f"{spec.base}.{spec.embedding}").weight
     _load(model, state_dict, load_prefixes, tied_keys=_tied_keys(model))
+    wrap_length_dependent(model)  # dynamic / longrope: frequencies of the global sequence
 
     window = spec.window(config)
     attn_cfg = hf_attention.CPAttentionConfig(cp_comm_type, load_balance, window)
