@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from nxd_cp.agreement import attention_signature, check_group_agreement
 from nxd_cp.attention.all_gather import all_gather_attention
 from nxd_cp.attention.kernels import BlockMask, local_attention
 from nxd_cp.attention.ring import ring_attention
@@ -90,6 +91,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     spec = resolve_group(group)
     seq_len = q.shape[2] * spec.size
     check_sequence_length(seq_len, spec.size, load_balance)
+    check_group_agreement("context_parallel_attention", attention_signature(
+        q, k, causal, comm_type, window_size, softmax_scale, load_balance,
+        key_padding_mask is not None), spec)  # host-side, once per signature
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if spec.size == 1:
         mask = BlockMask(0, 0, causal=True, window=window_size) if causal else None
