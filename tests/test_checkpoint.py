@@ -193,3 +193,20 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint(runs):
     assert ".step99.tmp" in third["listing"] and "step99" not in third["listing"]
     assert third["has"] and third["content"] == {"step": K}
     assert _identical(third["params"], first[0]["cp2dp2"]["at_k"])
+
+
+def test_example_kill_and_resume_is_bit_identical(tmp_path):
+    """examples/train_llama_cp.py --save_dir/--save_every/--resume under torchrun, TP2xCP2:
+    resuming from the step-2 checkpoint repeats steps 3 and 4 of the uninterrupted run bit for
+    bit (losses compared as exact floats; warm-up LR schedule, AdamW)."""
+    from test_example import run_example
+
+    common = ["--tensor_parallel_size", "2", "--context_parallel_size", "2", "--seq_len", "256",
+              "--steps", "4", "--warmup_steps", "3", "--save_dir", str(tmp_path / "ckpt")]
+    full, out = run_example(tmp_path, 4, *common, "--save_every", "2")
+    assert "saved" in out and sorted(os.listdir(tmp_path / "ckpt")) == [
+        "newest", "step_000002", "step_000004"]
+    resumed, out = run_example(tmp_path, 4, *common, "--resume", "step_000002")
+    assert "resumed from" in out and "(step 2)" in out
+    assert sorted(resumed["losses"]) == ["3", "4"]
+    assert resumed["losses"] == {k: full["losses"][k] for k in ("3", "4")}, (resumed, full)
