@@ -240,14 +240,6 @@ def main(argv=None) -> int:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)  # one graph per step on XLA
-        if args.save_dir and ((args.save_every and step % args.save_every == 0)
-                              or step == args.steps):
-            # step: the last finished step; the data position is the next step's batch index
-            nxd_cp.save_checkpoint(args.save_dir, f"step_{step:06d}", model=model,
-                                   optimizer=optimizer, scheduler=scheduler,
-                                   step=step, data_position=step + 1)
-            if rank == 0:
-                print(f"[train] saved {args.save_dir}/step_{step:06d}", flush=True)
         if args.device == "xla":
             summary["compiles"].append(compile_count())
         if step % args.log_every == 0 or step == args.steps or first:
@@ -257,12 +249,20 @@ def main(argv=None) -> int:
             elapsed = time.perf_counter() - start
             if rank == 0:
                 line = (f"[train] step {step}/{args.steps} loss {value:.4f} "
-                        f"tokens/s {tokens_per_step * step / elapsed:,.0f} "
+                        f"tokens/s {tokens_per_step * (step - start_step + 1) / elapsed:,.0f} "
                         f"elapsed {elapsed:.1f}s")
                 if progress:
                     progress.set_postfix_str(line[8:])
                 else:
                     print(line, flush=True)
+        if args.save_dir and ((args.save_every and step % args.save_every == 0)
+                              or step == args.steps):
+            # step: the last finished step; the data position is the next step's batch index
+            nxd_cp.save_checkpoint(args.save_dir, f"step_{step:06d}", model=model,
+                                   optimizer=optimizer, scheduler=scheduler,
+                                   step=step, data_position=step + 1)
+            if rank == 0:
+                print(f"[train] saved {args.save_dir}/step_{step:06d}", flush=True)
         if progress:
             progress.update(1)
     if progress:
