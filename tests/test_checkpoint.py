@@ -87,6 +87,11 @@ def uninterrupted(rank, world, root):
         steps += train(model, opt, sched, range(K + 1, N + 1))
         res[name] = {"steps": steps, "at_k": at_k, "final": _plain(nxd_cp.full_state_dict(model))}
         ps.destroy_model_parallel()
+    ps.initialize_model_parallel(context_parallel_size=2)
+    model, opt, _ = build("p2p")
+    for tag in ("a", "b", "c"):  # num_kept_ckpts=2 drops the oldest complete one
+        nxd_cp.save_checkpoint(os.path.join(root, "kept"), tag, model=model, num_kept_ckpts=2)
+    res["kept"] = sorted(os.listdir(os.path.join(root, "kept")))
     return res
 
 
@@ -174,6 +179,10 @@ def test_resume_is_bit_identical(runs, name):
     assert (layout["tp"], layout["cp"], layout["dp"], got["meta"]["step"]) == \
         (CONFIGS[name][0], CONFIGS[name][1], 4 // (CONFIGS[name][0] * CONFIGS[name][1]), K)
     assert got["meta"]["nxd_cp_config"]["cp_comm_type"] == CONFIGS[name][2]
+
+
+def test_num_kept_ckpts(runs):
+    assert runs[0][0]["kept"] == ["b", "c", "newest"]
 
 
 def test_other_cp_dp_same_tp_loads_exactly(runs):
