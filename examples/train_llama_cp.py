@@ -66,11 +66,25 @@ def parse_args(argv=None):
     p.add_argument("--check", action="store_true",
                    help="compare loss and gradients of step 1 with the unmodified model")
     p.add_argument("--summary_json", default=None, help="write the run's figures here")
+    p.add_argument("--warmup_steps", type=int, default=0,
+                   help="linear learning-rate warm-up (a scheduler saved in checkpoints)")
+    p.add_argument("--save_dir", default=None,
+                   help="directory of sharded checkpoints (nxd_cp.save_checkpoint)")
+    p.add_argument("--save_every", type=int, default=0,
+                   help="save every N steps (0: only after the last step) when --save_dir")
+    p.add_argument("--resume", nargs="?", const="newest", default=None, metavar="TAG",
+                   help="continue from the newest checkpoint in --save_dir (or from TAG); "
+                        "starts from scratch when there is none")
     args = p.parse_args(argv)
     for name in ("tensor_parallel_size", "context_parallel_size", "seq_len", "batch_size",
                  "steps", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name}={getattr(args, name)} must be >= 1")
+    for name in ("save_every", "warmup_steps"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name}={getattr(args, name)} must be >= 0")
+    if args.resume and not args.save_dir:
+        p.error("--resume needs --save_dir (where the checkpoints are)")
     return args
 
 
@@ -180,6 +194,9 @@ def main(argv=None) -> int:
     if model.config.tie_word_embeddings:
         model.tie_weights()  # moving to an XLA device unties shared parameters
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    start_step = resume(args, model, optimizer, scheduler, rank)
     tokens = load_tokens(args.data)
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
@@ -197,12 +214,13 @@ def main(argv=None) -> int:
                "seq_len": args.seq_len, "compiles": []}
     tokens_per_step = args.batch_size * args.seq_len * dp
     start = time.perf_counter()
-    for step in range(1, args.steps + 1):
+    summary["losses"] = {}
+    for step in range(start_step, args.steps + 1):
         full = get_batch(tokens, step, dp_rank, args.batch_size, args.seq_len, args.seed)
         batch = {k: v.to(device) for k, v in
                  nxd_cp.get_batch_on_this_context_parallel_rank(
                      full, load_balance=args.load_balance).items()}
-        first = step == 1
+        first = step == start_step
         with nxd_cp.count_bytes() as sent, nxd_cp.count_saved_bytes(model.parameters()) as saved:
             loss = model(**batch).loss
         with nxd_cp.count_bytes() as sent_bwd:
@@ -214,11 +232,12 @@ def main(argv=None) -> int:
         if first:
             summary["saved_bytes"] = saved.total
             summary["sent_bytes"] = sent.total + sent_bwd.total
-            if args.check:
+            if args.check and step == 1:
                 dp_batches = [get_batch(tokens, step, d, args.batch_size, args.seq_len,
                                         args.seed) for d in range(dp)]
                 summary.update(check_parity(model, loss, reference, dp_batches, rank))
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)  # one graph per step on XLA
         if args.device == "xla":
@@ -226,23 +245,52 @@ def main(argv=None) -> int:
         if step % args.log_every == 0 or step == args.steps or first:
             value = loss.item()  # the only host read of the step, at log points
             losses.append(value)
+            summary["losses"][step] = value
             elapsed = time.perf_counter() - start
             if rank == 0:
                 line = (f"[train] step {step}/{args.steps} loss {value:.4f} "
-                        f"tokens/s {tokens_per_step * step / elapsed:,.0f} "
+                        f"tokens/s {tokens_per_step * (step - start_step + 1) / elapsed:,.0f} "
                         f"elapsed {elapsed:.1f}s")
                 if progress:
                     progress.set_postfix_str(line[8:])
                 else:
                     print(line, flush=True)
+        if args.save_dir and ((args.save_every and step % args.save_every == 0)
+                              or step == args.steps):
+            # step: the last finished step; the data position is the next step's batch index
+            nxd_cp.save_checkpoint(args.save_dir, f"step_{step:06d}", model=model,
+                                   optimizer=optimizer, scheduler=scheduler,
+                                   step=step, data_position=step + 1)
+            if rank == 0:
+                print(f"[train] saved {args.save_dir}/step_{step:06d}", flush=True)
         if progress:
             progress.update(1)
     if progress:
         progress.close()
     elapsed = time.perf_counter() - start
+    if not losses:
+        raise SystemExit(f"nothing to do: the checkpoint is at step {start_step - 1} and "
+                         f"--steps={args.steps}")
     summary.update(first_loss=losses[0], last_loss=losses[-1], seconds=elapsed,
-                   tokens_per_s=tokens_per_step * args.steps / elapsed)
+                   tokens_per_s=tokens_per_step * (args.steps - start_step + 1) / elapsed)
     return report(summary, args, rank, world)
+
+
+def resume(args, model, optimizer, scheduler, rank) -> int:
+    """Load the checkpoint ``--resume`` names (if any); return the first step to run."""
+    if not args.resume or not nxd_cp.has_checkpoint(args.save_dir):
+        return 1
+    tag = None if args.resume == "newest" else args.resume
+    nxd_cp.load_checkpoint(args.save_dir, tag, model=model, optimizer=optimizer,
+                           scheduler=scheduler)
+    meta = nxd_cp.checkpoint_metadata(args.save_dir, tag)
+    if args.check and meta["step"] > 0:
+        raise SystemExit("--check compares step 1 with the unmodified model: it cannot be "
+                         f"combined with resuming from step {meta['step']}")
+    if rank == 0:
+        print(f"[train] resumed from {args.save_dir}/{meta['tag']} (step {meta['step']})",
+              flush=True)
+    return meta["data_position"]
 
 
 def check_parity(model, loss, reference, dp_batches, rank) -> Dict[str, float]:

@@ -17,6 +17,8 @@ import importlib
 
 from nxd_cp import parallel_state
 from nxd_cp.attention import context_parallel_attention
+from nxd_cp.checkpoint import (checkpoint_metadata, has_checkpoint, load_checkpoint,
+                               save_checkpoint)
 from nxd_cp.comm import count_bytes
 from nxd_cp.config import ContextParallelConfig, neuronx_distributed_config
 from nxd_cp.data import get_batch_on_this_context_parallel_rank
@@ -42,4 +44,5 @@ __all__ = ["parallel_state", "context_parallel_attention", "count_bytes", "count
            "get_batch_on_this_context_parallel_rank", "allreduce_context_parallel_gradients",
            "allreduce_data_context_parallel_gradients", "context_parallel_cross_entropy",
            "sequence_positions", "shard_sequence", "unshard_sequence", "transform",
-           "full_state_dict", "models"]
+           "full_state_dict", "models", "save_checkpoint", "load_checkpoint", "has_checkpoint",
+           "checkpoint_metadata"]

@@ -24,13 +24,33 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     return torch.cat([labels[:, 1:], pad], dim=SEQ_DIM)
 
 
+SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids")
+
+
 def _sequence_length(batch: Mapping[str, Any]) -> int:
-    for key in ("input_ids", "inputs_embeds", "labels"):
+    """S of the batch; ``ValueError`` unless every known per-token entry is ``[B, S, ...]``
+    with the same S >= 1 (a shorter ``labels`` would otherwise be left unsharded)."""
+    found = {}
+    for key in SEQUENCE_KEYS:
         v = batch.get(key)
         if isinstance(v, torch.Tensor):
-            return v.shape[SEQ_DIM]
-    raise ValueError("batch has none of input_ids, inputs_embeds, labels: cannot tell the "
-                     "sequence length")
+            if v.dim() < 2:
+                raise ValueError(f"{key} must be [batch, seq, ...] (at least 2-D), got shape "
+                                 f"{tuple(v.shape)}: add the batch dimension, e.g. "
+                                 f"{key}.unsqueeze(0)")
+            found[key] = v.shape[SEQ_DIM]
+    if not found:
+        raise ValueError("batch has none of input_ids, inputs_embeds, labels: cannot tell the "
+                         "sequence length")
+    first = next(iter(found))
+    for key, length in found.items():
+        if length != found[first]:
+            raise ValueError(f"{key} has sequence length {length} (dim 1) but {first} has "
+                             f"{found[first]}: every per-token entry of the batch must cover "
+                             "the same full sequence")
+    if found[first] < 1:
+        raise ValueError(f"{first} has sequence length 0: there is nothing to shard")
+    return found[first]
 
 
 def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
@@ -53,19 +73,20 @@ def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
 
     Unlike NxD's function of the same name, labels are shifted at cp == 1 too (the transformed
     model never shifts), and the layout is zigzag by default (NxD: contiguous).
-    Raises ``ValueError`` when S is not divisible by 2*cp (zigzag) or cp (contiguous), or for a
-    4-D attention mask.
+    Raises ``ValueError`` when S is not divisible by 2*cp (zigzag) or cp (contiguous), when an
+    entry of ``SEQUENCE_KEYS`` is not ``[B, S, ...]`` with the same S >= 1 (e.g. 1-D
+    ``input_ids``, ``labels`` shorter than ``input_ids``), or for a 4-D attention mask.
     """
     if cp_size is None:
         cp_size = ps.get_context_model_parallel_size()
     if cp_rank is None:
         cp_rank = ps.get_context_model_parallel_rank()
-    seq_len = _sequence_length(batch)
-    check_sequence_length(seq_len, cp_size, load_balance)
     mask = batch.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() != 2:
         raise ValueError(f"attention_mask must be 2-D [batch, seq] (1 = real token) under "
                          f"context parallelism, got shape {tuple(mask.shape)}")
+    seq_len = _sequence_length(batch)
+    check_sequence_length(seq_len, cp_size, load_balance)
 
     full = dict(batch)
     if isinstance(full.get("labels"), torch.Tensor):

@@ -7,10 +7,12 @@ algorithm. A CP group of size 1 runs the local kernel without communication.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
 
+from nxd_cp.agreement import attention_signature, check_group_agreement
 from nxd_cp.attention.all_gather import all_gather_attention
 from nxd_cp.attention.dispatch import local_attention
 from nxd_cp.attention.ring import ring_attention
@@ -40,6 +42,13 @@ def _validate(q, k, v, causal, comm_type, window_size, key_padding_mask) -> None
                          f"(Hq % Hkv == 0)")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if s == 0:
+        raise ValueError(f"q has an empty local sequence (S_local=0, shape {tuple(q.shape)}): "
+                         "every CP rank needs at least one token of the sequence")
+    if q.dtype == torch.float64:
+        warnings.warn("context_parallel_attention computes float64 inputs with float32 partial "
+                      "results and merges (relative error ~1e-7, not float64's ~1e-16); the "
+                      "output is float64", stacklevel=3)
     if comm_type not in COMM_TYPES:
         raise ValueError(f"comm_type={comm_type!r} must be one of {COMM_TYPES}")
     if window_size is not None:
@@ -77,9 +86,15 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     _validate(q, k, v, causal, comm_type, window_size, key_padding_mask)
     check_load_balance(load_balance)
+    if isinstance(group, str):
+        raise ValueError(f"group={group!r} must be None (the CP group of parallel_state), a "
+                         "GroupSpec or a torch.distributed ProcessGroup, not a string")
     spec = resolve_group(group)
     seq_len = q.shape[2] * spec.size
     check_sequence_length(seq_len, spec.size, load_balance)
+    check_group_agreement("context_parallel_attention", attention_signature(
+        q, k, causal, comm_type, window_size, softmax_scale, load_balance,
+        key_padding_mask is not None), spec)  # host-side, once per signature
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if spec.size == 1:
         mask = BlockMask(0, 0, causal=True, window=window_size) if causal else None

@@ -19,12 +19,14 @@ them) or, for a model built on the meta device, from ``state_dict`` (a full HF s
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
 from nxd_cp import parallel_state as ps
+from nxd_cp.agreement import check_group_agreement
 from nxd_cp.layers import (ColumnParallelLinear, ParallelEmbedding, ReplicatedKVLinear,
                            RowParallelLinear)
 from nxd_cp.loss import context_parallel_cross_entropy
@@ -33,6 +35,7 @@ from nxd_cp.models.common import (ArchSpec, Partition, check_sizes, get_path, ma
                                   partitions, set_path, shard_of)
 from nxd_cp.models.gpt_neox import GPT_NEOX
 from nxd_cp.models.llama import LLAMA, MISTRAL
+from nxd_cp.models.rope import wrap_length_dependent
 from nxd_cp.sharding import check_load_balance
 
 ARCHITECTURES = (LLAMA, MISTRAL, GPT_NEOX)
@@ -184,6 +187,11 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
                          " is not supported by nxd_cp.transform (use 1)")
     config = model.config
     sizes = check_sizes(spec, config, ps.get_tensor_model_parallel_size())
+    check_group_agreement("transform", {  # host-side, before any weight moves
+        "architecture": spec.name, "cp_comm_type": cp_comm_type, "load_balance": load_balance,
+        "vocab_parallel_logits": vocab_parallel_logits,
+        "model config (sha256)": hashlib.sha256(config.to_json_string().encode()).hexdigest()},
+        ps.get_group_spec("context"))
     on_meta = any(p.is_meta for p in model.parameters())
     if state_dict is None:
         if on_meta:
@@ -212,6 +220,7 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
         get_path(model, spec.lm_head).weight = get_path(
             model, f"{spec.base}.{spec.embedding}").weight
     _load(model, state_dict, load_prefixes, tied_keys=_tied_keys(model))
+    wrap_length_dependent(model)  # dynamic / longrope: frequencies of the global sequence
 
     window = spec.window(config)
     attn_cfg = hf_attention.CPAttentionConfig(cp_comm_type, load_balance, window)
