@@ -1,5 +1,5 @@
 """Registration APIs without processes: clear errors for specs and hooks that cannot work, an
-unknown architecture's error saying how to register one, and ``HeadShared`` keeping names.
+unknown architecture's error saying how to register one, weights carried over by name.
 (The registrations at work, on real ranks: test_custom_models.py.)"""
 import dataclasses
 
@@ -158,13 +158,3 @@ def test_register_architecture_validates():
     assert registered_architectures()["Qwen2ForCausalLM"] is QWEN2
     assert nxd_cp.register_architecture(QWEN2) is QWEN2  # the same spec again: a no-op
 
-
-def test_head_shared_keeps_names_and_values():
-    from nxd_cp.nn.shared import HeadShared
-    from nxd_cp import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        pytest.skip("parallel state of another test is live")
-    norm = nn.LayerNorm(8)
-    with pytest.raises(RuntimeError):  # the TP group comes from parallel_state
-        HeadShared(norm)

@@ -205,10 +205,12 @@ def _carry_weights(original: nn.Module, new: nn.Module, path: str) -> None:
             f"module {path!r}: {type(new).__name__} has state-dict keys {sorted(target)} but "
             f"{type(original).__name__} has {sorted(full)}; a replacement must name its "
             f"parameters and buffers as the original does (weights are carried over by name)")
+    device = next((t.device for t in full.values()), None)
     if any(t.is_meta for t in target.values()):
-        device = next((t.device for t in full.values()), torch.device("cpu"))
-        materialize(new, device)
-        target = new.state_dict(keep_vars=True)
+        materialize(new, device or torch.device("cpu"))
+    elif device is not None and any(t.device != device for t in target.values()):
+        new.to(device)  # built on the default device: follow the original (CUDA, XLA)
+    target = new.state_dict(keep_vars=True)
     parts = partitions(new)
     for name, t in target.items():
         part = shard_of(parts.get(name, Partition()), full[name])
