@@ -9,8 +9,9 @@ one process.
 One 4-rank spawn runs everything (imports dominate on 2 cores): TP2xCP2, then TP1xCP4.
 - Qwen2: q/k/v biases, 1 KV head (replicated at TP2), use_sliding_window with
   max_window_layers=1 (layer 0 full, layer 1 sliding window 48 < sequence 256).
-- Qwen3: head_dim 32 != hidden/heads, q/k RMSNorm, attention bias, 2 KV heads, explicit
-  layer_types (layer 0 sliding window 40, layer 1 full), tied embeddings.
+- Qwen3: head_dim 32 != hidden/heads, q/k RMSNorm, attention bias, 2 KV heads (also 1: k/v
+  and k_norm on a replicated head at TP2), explicit layer_types (layer 0 sliding window 40,
+  layer 1 full), tied embeddings; also built on the meta device and loaded from a state dict.
 """
 import importlib.util
 import os
@@ -35,12 +36,13 @@ def qwen2_config(**overrides):
     return tf.Qwen2Config(**{**kw, **overrides})
 
 
-def qwen3_config():
+def qwen3_config(num_key_value_heads=2):
     import transformers as tf
 
     return tf.Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          head_dim=32, attention_bias=True, max_position_embeddings=1024,
+                          num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=num_key_value_heads, head_dim=32,
+                          attention_bias=True, max_position_embeddings=1024,
                           use_sliding_window=True, sliding_window=40,
                           layer_types=["sliding_attention", "full_attention"],
                           tie_word_embeddings=True)
@@ -56,7 +58,8 @@ def _qwen3_class():
     return tf.Qwen3ForCausalLM
 
 
-tm.EXTRA_ARCHS.update(qwen2=(qwen2_config, _qwen2_class), qwen3=(qwen3_config, _qwen3_class))
+tm.EXTRA_ARCHS.update(qwen2=(qwen2_config, _qwen2_class), qwen3=(qwen3_config, _qwen3_class),
+                      qwen3_kv1=(lambda: qwen3_config(num_key_value_heads=1), _qwen3_class))
 
 
 class GatedMLP(torch.nn.Module):
@@ -193,6 +196,9 @@ def four_rank_world(rank, world):
             results["round_trip"] = {a: tm.round_trip(a) for a in QWEN}
             results["windows"] = windows_and_control()
             results["registered_mlps"] = registered_mlp_model()
+            # k_norm on a KV head replicated over both TP ranks; a meta-device Qwen3
+            results["tp2cp2-qwen3_kv1-all_gather"] = tm.run_case("qwen3_kv1", "all_gather")
+            results["tp2cp2-qwen3-p2p-meta"] = tm.run_case("qwen3", "p2p", meta=True)
             results["tp2cp2-llama-p2p-registered_mlp"] = tm.run_case("llama", "p2p")
             for cls in list(registered_modules()):
                 unregister_module(cls)
@@ -213,13 +219,14 @@ def four():
 
 
 def test_qwen_training_matches_unmodified_transformers(four):
-    """Qwen2 / Qwen3 at TP2xCP2 and TP1xCP4, p2p and all_gather, plus a Llama whose MLPs are
-    replaced through register_module: loss, every gradient, 3 AdamW steps (test_models'
+    """Qwen2 / Qwen3 at TP2xCP2 and TP1xCP4, p2p and all_gather; Qwen3 with 1 KV head
+    (replicated k/v and k_norm at TP2) and from the meta device; a Llama whose MLPs are
+    replaced through register_module. Loss, every gradient, 3 AdamW steps (test_models'
     tolerances: fp32 loss 1e-5, gradients and parameters 1e-4)."""
     report = {}
     fails = tm._check_training(four, report)
     tm._print_report(report)
-    assert len(tm._cases(four)) == 9
+    assert len(tm._cases(four)) == 11
     assert not fails, "\n".join(fails)
 
 

@@ -190,7 +190,7 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
             raise ValueError("model has parameters on the meta device: pass state_dict= (the "
                              "full Hugging Face state dict) to nxd_cp.transform")
         state_dict = model.state_dict()  # references to the full weights, no copy
-    if on_meta and registered_modules():
+    if on_meta and any(type(m) in registered_modules() for m in model.modules()):
         raise ValueError("nxd_cp.register_module replacements need the model's full weights: "
                          "build it off the meta device to transform it")
     # modules of classes registered with nxd_cp.register_module (before the spec's own)
