@@ -10,8 +10,10 @@ The public API is what this module exports (see docs/api.md)::
     model(**batch).loss.backward()
     nxd_cp.allreduce_context_parallel_gradients(model)
 
-``transform``, ``full_state_dict`` and ``models`` import transformers on first use, so the
-rest works without it.
+``transform``, ``full_state_dict``, ``models``, ``ArchitectureSpec`` and
+``register_architecture`` import ``nxd_cp.models`` (and transformers) on first use, so the rest
+works without it. Your own models: ``nxd_cp.nn`` (``ContextParallelAttention``,
+``register_module``, ``parallelize``).
 """
 import importlib
 
@@ -26,10 +28,12 @@ from nxd_cp.grads import (allreduce_context_parallel_gradients,
                           allreduce_data_context_parallel_gradients)
 from nxd_cp.loss import context_parallel_cross_entropy
 from nxd_cp.memory import count_saved_bytes
+from nxd_cp.nn import ContextParallelAttention, parallelize, register_module
 from nxd_cp.sharding import sequence_positions, shard_sequence, unshard_sequence
 
 _LAZY = {"transform": "nxd_cp.models", "full_state_dict": "nxd_cp.models",
-         "models": "nxd_cp.models"}
+         "models": "nxd_cp.models", "ArchitectureSpec": "nxd_cp.models",
+         "register_architecture": "nxd_cp.models"}
 
 
 def __getattr__(name):
@@ -45,4 +49,5 @@ __all__ = ["parallel_state", "context_parallel_attention", "count_bytes", "count
            "allreduce_data_context_parallel_gradients", "context_parallel_cross_entropy",
            "sequence_positions", "shard_sequence", "unshard_sequence", "transform",
            "full_state_dict", "models", "save_checkpoint", "load_checkpoint", "has_checkpoint",
-           "checkpoint_metadata"]
+           "checkpoint_metadata", "ContextParallelAttention", "register_module",
+           "parallelize", "ArchitectureSpec", "register_architecture"]

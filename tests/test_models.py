@@ -29,9 +29,15 @@ ARCHS = ("llama", "mistral", "gpt_neox")
 # ---------------------------------------------------------------------------------------------
 # Models and batches (identical on every rank: seeded)
 # ---------------------------------------------------------------------------------------------
+# arch -> (make_config, model_class) of families other test modules add (test_custom_models)
+EXTRA_ARCHS = {}
+
+
 def make_config(arch):
     import transformers as tf
 
+    if arch in EXTRA_ARCHS:
+        return EXTRA_ARCHS[arch][0]()
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=1024)
     if arch == "llama":
@@ -50,6 +56,8 @@ def make_config(arch):
 def model_class(arch):
     import transformers as tf
 
+    if arch in EXTRA_ARCHS:
+        return EXTRA_ARCHS[arch][1]()
     return {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,
             "gpt_neox": tf.GPTNeoXForCausalLM}[arch]
 

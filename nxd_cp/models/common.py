@@ -1,7 +1,7 @@
-"""Architecture descriptions and the per-parameter shard <-> full mapping shared by all models.
+"""The per-parameter shard <-> full mapping shared by all models, and attribute paths.
 
-An ``ArchSpec`` names, for one Hugging Face causal-LM family, where its embedding, decoder
-layers, projections and lm_head live; ``nxd_cp.models.transform`` does the rest generically.
+The architecture description (``ArchitectureSpec``, public) is in ``nxd_cp.models.registry``;
+``ArchSpec`` and ``check_sizes`` are re-exported here for ``transform``.
 
 Every parameter of a transformed model is in one of three states (``Partition``), read from
 the layer that owns it:
@@ -16,43 +16,16 @@ from the TP group's parts (a collective over TP); the two are exact inverses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where things are in one transformers causal-LM family (paths are attribute paths).
-
-    base: the decoder model inside the ``*ForCausalLM`` (``"model"``, ``"gpt_neox"``).
-    embedding, layers: attributes of ``base``. lm_head: attribute of the causal LM.
-    attention: the attention module inside a decoder layer.
-    column / row: linears inside a decoder layer split by output / input features.
-    kv: K and V projections inside a decoder layer (split when Hkv % tp == 0, replicated when
-        tp % Hkv == 0); empty for a fused QKV projection (in ``column``).
-    sizes: config -> {"num_attention_heads": .., "num_key_value_heads": .., "head_dim": ..,
-        "intermediate_size": .., "vocab_size": ..}.
-    window: config -> sliding window or None.
-    """
-
-    name: str
-    class_names: Tuple[str, ...]
-    base: str
-    embedding: str
-    layers: str
-    lm_head: str
-    attention: str
-    column: Tuple[str, ...]
-    row: Tuple[str, ...]
-    kv: Tuple[str, ...]
-    sizes: Callable[[object], Dict[str, int]]
-    window: Callable[[object], Optional[int]] = field(default=lambda config: None)
+from nxd_cp.models.registry import ArchitectureSpec as ArchSpec  # noqa: F401
+from nxd_cp.models.registry import check_sizes  # noqa: F401
 
 
 def get_path(root: nn.Module, path: str):
@@ -64,27 +37,6 @@ def get_path(root: nn.Module, path: str):
 def set_path(root: nn.Module, path: str, value: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(get_path(root, parent) if parent else root, name, value)
-
-
-def check_sizes(spec: ArchSpec, config, tp: int) -> Dict[str, int]:
-    """``ValueError`` naming the rule when the model does not split over ``tp`` ranks."""
-    s = spec.sizes(config)
-    hq, hkv = s["num_attention_heads"], s["num_key_value_heads"]
-    if hq % tp:
-        raise ValueError(f"num_attention_heads={hq} is not divisible by "
-                         f"tensor_model_parallel_size={tp}")
-    if hq % hkv:
-        raise ValueError(f"num_attention_heads={hq} is not divisible by "
-                         f"num_key_value_heads={hkv}")
-    if hkv % tp and tp % hkv:
-        raise ValueError(f"num_key_value_heads={hkv} must be divisible by "
-                         f"tensor_model_parallel_size={tp} (KV heads split) or divide it (KV "
-                         f"heads replicated)")
-    for name in ("intermediate_size", "vocab_size"):
-        if s[name] % tp:
-            raise ValueError(f"{name}={s[name]} is not divisible by "
-                             f"tensor_model_parallel_size={tp}")
-    return s
 
 
 def _tp_rank_size() -> Tuple[int, int]:
@@ -136,6 +88,8 @@ def partitions(model: nn.Module) -> Dict[str, Partition]:
 
 def shard_of(part: Partition, full: torch.Tensor) -> torch.Tensor:
     """This TP rank's part (a view) of the full tensor ``full`` laid out as ``part``."""
+    if part.kv_replicas is None and part.dim is None:
+        return full  # replicated: no parallel state needed
     rank, tp = _tp_rank_size()
     if part.kv_replicas is not None:
         return full.chunk(tp // part.kv_replicas, dim=0)[rank // part.kv_replicas]

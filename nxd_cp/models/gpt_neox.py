@@ -10,7 +10,7 @@ code, unchanged. There is no GQA (Hkv = Hq).
 """
 from __future__ import annotations
 
-from nxd_cp.models.common import ArchSpec
+from nxd_cp.models.registry import ArchitectureSpec, register_architecture
 
 
 def _sizes(config):
@@ -21,8 +21,9 @@ def _sizes(config):
             "vocab_size": config.vocab_size}
 
 
-GPT_NEOX = ArchSpec(name="gpt_neox", class_names=("GPTNeoXForCausalLM",), base="gpt_neox",
-                    embedding="embed_in", layers="layers", lm_head="embed_out",
-                    attention="attention",
-                    column=("attention.query_key_value", "mlp.dense_h_to_4h"),
-                    row=("attention.dense", "mlp.dense_4h_to_h"), kv=(), sizes=_sizes)
+GPT_NEOX = register_architecture(ArchitectureSpec(
+    name="gpt_neox", class_names=("GPTNeoXForCausalLM",), base="gpt_neox", embedding="embed_in",
+    layers="layers", lm_head="embed_out", attention="attention",
+    column=("attention.query_key_value", "mlp.dense_h_to_4h"),
+    row=("attention.dense", "mlp.dense_4h_to_h"), kv=(), fused_qkv_layout="per_head",
+    sizes=_sizes))

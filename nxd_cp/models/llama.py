@@ -8,10 +8,11 @@ head per rank; o_proj, down_proj split by input features. RoPE (any ``rope_scali
 """
 from __future__ import annotations
 
-from nxd_cp.models.common import ArchSpec
+from nxd_cp.models.registry import ArchitectureSpec, register_architecture
 
 
-def _sizes(config):
+def sizes(config):
+    """The ``ArchitectureSpec.sizes`` of Llama-like configs ."""
     hq = config.num_attention_heads
     return {"num_attention_heads": hq,
             "num_key_value_heads": getattr(config, "num_key_value_heads", None) or hq,
@@ -20,13 +21,21 @@ def _sizes(config):
             "vocab_size": config.vocab_size}
 
 
-_COMMON = dict(base="model", embedding="embed_tokens", layers="layers", lm_head="lm_head",
-               attention="self_attn", column=("self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj"),
-               row=("self_attn.o_proj", "mlp.down_proj"),
-               kv=("self_attn.k_proj", "self_attn.v_proj"),
-               sizes=_sizes)
+# The layout shared by Llama and Mistral.
+LLAMA_LAYOUT = dict(
+    base="model", embedding="embed_tokens", layers="layers", lm_head="lm_head",
+    attention="self_attn", column=("self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj"),
+    row=("self_attn.o_proj", "mlp.down_proj"), kv=("self_attn.k_proj", "self_attn.v_proj"),
+    sizes=sizes)
 
-LLAMA = ArchSpec(name="llama", class_names=("LlamaForCausalLM",), **_COMMON)
 
-MISTRAL = ArchSpec(name="mistral", class_names=("MistralForCausalLM",),
-                   window=lambda config: getattr(config, "sliding_window", None), **_COMMON)
+def _mistral_window(config, layer_idx):
+    return getattr(config, "sliding_window", None)  # every layer (MistralAttention)
+
+
+LLAMA = register_architecture(ArchitectureSpec(
+    name="llama", class_names=("LlamaForCausalLM",), **LLAMA_LAYOUT))
+
+MISTRAL = register_architecture(ArchitectureSpec(
+    name="mistral", class_names=("MistralForCausalLM",), window=_mistral_window,
+    **LLAMA_LAYOUT))

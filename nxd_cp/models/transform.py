@@ -33,28 +33,15 @@ from nxd_cp.loss import context_parallel_cross_entropy
 from nxd_cp.models import hf_attention
 from nxd_cp.models.common import (ArchSpec, Partition, check_sizes, get_path, materialize,
                                   partitions, set_path, shard_of)
-from nxd_cp.models.gpt_neox import GPT_NEOX
-from nxd_cp.models.llama import LLAMA, MISTRAL
 from nxd_cp.models.rope import wrap_length_dependent
+from nxd_cp.models.registry import architecture_of as arch_of
+from nxd_cp.models.registry import supported_architectures  # noqa: F401
+from nxd_cp.nn.registry import registered_modules, replace_registered_modules
+from nxd_cp.nn.shared import HeadShared
 from nxd_cp.sharding import check_load_balance
 
-ARCHITECTURES = (LLAMA, MISTRAL, GPT_NEOX)
 COMM_TYPES = ("p2p", "all_gather")
 _META = torch.device("meta")
-
-
-def supported_architectures():
-    return [name for spec in ARCHITECTURES for name in spec.class_names]
-
-
-def arch_of(model: nn.Module) -> ArchSpec:
-    """The ``ArchSpec`` of ``model``'s class, or ``ValueError`` naming the supported ones."""
-    for cls in type(model).__mro__:
-        for spec in ARCHITECTURES:
-            if cls.__name__ in spec.class_names:
-                return spec
-    raise ValueError(f"unsupported architecture {type(model).__name__}: nxd_cp.transform "
-                     f"supports {', '.join(supported_architectures())}")
 
 
 def _causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None,
@@ -97,18 +84,23 @@ def _check_inputs(model: nn.Module, args, kwargs):
 
 
 def _parallel_modules(model: nn.Module, spec: ArchSpec, sizes: Dict[str, int],
-                      vocab_parallel_logits: bool) -> Dict[str, nn.Module]:
-    """path -> new TP module (on the meta device) for every module that gets split."""
+                      vocab_parallel_logits: bool, skip=()) -> Dict[str, nn.Module]:
+    """path -> new TP module (on the meta device) for every module that gets split; paths
+    under ``skip`` (replaced through ``register_module``) are left alone."""
     tp = ps.get_tensor_model_parallel_size()
     new = {}
 
     def column(path, gather_output=False):
+        if path.startswith(skip):
+            return
         lin = get_path(model, path)
         new[path] = ColumnParallelLinear(lin.in_features, lin.out_features,
                                          bias=lin.bias is not None, gather_output=gather_output,
                                          dtype=lin.weight.dtype, device=_META)
 
     def row(path):
+        if path.startswith(skip):
+            return
         lin = get_path(model, path)
         new[path] = RowParallelLinear(lin.in_features, lin.out_features,
                                       bias=lin.bias is not None, input_is_parallel=True,
@@ -126,8 +118,11 @@ def _parallel_modules(model: nn.Module, spec: ArchSpec, sizes: Dict[str, int],
             column(prefix + p)
         for p in spec.row:
             row(prefix + p)
+        for p in spec.per_head:
+            if not (prefix + p).startswith(skip):
+                new[prefix + p] = HeadShared(get_path(model, prefix + p))
         for p in spec.kv:
-            if hkv % tp == 0:
+            if hkv % tp == 0 or (prefix + p).startswith(skip):
                 column(prefix + p)
             else:
                 lin = get_path(model, prefix + p)
@@ -155,7 +150,8 @@ def _first_device(tensors) -> torch.device:
 def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "zigzag",
               state_dict: Optional[Mapping[str, torch.Tensor]] = None,
               vocab_parallel_logits: bool = False) -> nn.Module:
-    """Turn ``model`` (Llama / Mistral / GPT-NeoX ``*ForCausalLM``) into its TP x CP version.
+    """Turn ``model`` (a registered ``*ForCausalLM``: Llama, Mistral, GPT-NeoX, Qwen2, Qwen3 or
+    one added with ``nxd_cp.register_architecture``) into its TP x CP version.
 
     Call after ``parallel_state.initialize_model_parallel(tp, pp=1, cp)`` on every rank, with
     the same full weights on every rank (or a meta-device model and ``state_dict``, the full HF
@@ -185,6 +181,10 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
     if ps.get_pipeline_model_parallel_size() != 1:
         raise ValueError(f"pipeline_model_parallel_size={ps.get_pipeline_model_parallel_size()}"
                          " is not supported by nxd_cp.transform (use 1)")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"{type(model).__name__} does not support transformers' attention "
+                         f"interface (_supports_attention_backend is False): nxd_cp.transform "
+                         f"cannot route its attention to context-parallel attention")
     config = model.config
     sizes = check_sizes(spec, config, ps.get_tensor_model_parallel_size())
     check_group_agreement("transform", {  # host-side, before any weight moves
@@ -198,12 +198,17 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
             raise ValueError("model has parameters on the meta device: pass state_dict= (the "
                              "full Hugging Face state dict) to nxd_cp.transform")
         state_dict = model.state_dict()  # references to the full weights, no copy
+    if on_meta and any(type(m) in registered_modules() for m in model.modules()):
+        raise ValueError("nxd_cp.register_module replacements need the model's full weights: "
+                         "build it off the meta device to transform it")
+    # modules of classes registered with nxd_cp.register_module (before the spec's own)
+    skip = tuple(p + "." for p in ([] if on_meta else replace_registered_modules(model)))
 
     lm_head = get_path(model, spec.lm_head)
     embedding = get_path(model, f"{spec.base}.{spec.embedding}")
     tied = lm_head.weight is embedding.weight
-    new = _parallel_modules(model, spec, sizes, vocab_parallel_logits)
-    devices = {path: get_path(model, path).weight.device for path in new}
+    new = _parallel_modules(model, spec, sizes, vocab_parallel_logits, skip)
+    devices = {path: next(get_path(model, path).parameters()).device for path in new}
     for path, module in new.items():
         set_path(model, path, module)
 
@@ -222,10 +227,12 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
     _load(model, state_dict, load_prefixes, tied_keys=_tied_keys(model))
     wrap_length_dependent(model)  # dynamic / longrope: frequencies of the global sequence
 
-    window = spec.window(config)
-    attn_cfg = hf_attention.CPAttentionConfig(cp_comm_type, load_balance, window)
-    for layer in get_path(model, f"{spec.base}.{spec.layers}"):
+    windows = []
+    for i, layer in enumerate(get_path(model, f"{spec.base}.{spec.layers}")):
+        windows.append(spec.window(config, i))  # per layer (Qwen2: config.layer_types)
+        attn_cfg = hf_attention.CPAttentionConfig(cp_comm_type, load_balance, windows[-1])
         setattr(get_path(layer, spec.attention), hf_attention.MODULE_ATTR, attn_cfg)
+    window = windows[0] if len(set(windows)) == 1 else tuple(windows)
     hf_attention.register()
     model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
     model.loss_function = functools.partial(_causal_lm_loss,
