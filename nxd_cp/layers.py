@@ -177,9 +177,9 @@ class FallbackRowParallelLinear(_TPLayer):
                  tensor_model_parallel_group=None, **unsupported):
         super().__init__(tensor_model_parallel_group)
         if sequence_parallel_enabled and not (input_is_parallel and reduce_output):
-            raise RuntimeError(f"RowParallelLinear(sequence_parallel_enabled=True) needs input_is_"
-                               f"parallel=True, reduce_output=True; got {input_is_parallel}, "
-                               f"{reduce_output}")
+            raise RuntimeError("RowParallelLinear(sequence_parallel_enabled=True) needs input_is_"
+                               f"parallel=True and reduce_output=True, got {input_is_parallel=}, "
+                               f"{reduce_output=}")
         if stride != 1 or pad or unsupported:
             raise NotImplementedError(
                 f"RowParallelLinear fallback supports stride=1, pad=False and no other "

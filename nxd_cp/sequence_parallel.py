@@ -54,21 +54,73 @@ def _replace_input(args, kwargs, fn):
     return args, kwargs
 
 
+class _RegatherSaved:
+    """Saved-tensor hooks for one call of a module whose input was all-gathered over TP.
+
+    The projections inside save the gathered ``[B, S_local, H]`` input for their weight
+    gradients; these hooks keep only the local ``[B, S_local/tp, H]`` shard and all-gather it
+    again (once, shared by every projection) in backward, as Megatron's SP does: that input then
+    costs 1/tp of its size in saved memory, for one more all-gather in backward. Tensors without
+    a storage (XLA, whose compiler decides what to keep) are saved as they are.
+    """
+
+    def __init__(self, local: torch.Tensor, full: torch.Tensor, transport):
+        self.local, self.transport, self.pending, self.cache = local.detach(), transport, 0, None
+        self.key = _storage_ptr(full)
+
+    def pack(self, t: torch.Tensor):
+        if self.key is None or _storage_ptr(t) != self.key:
+            return t
+        self.pending += 1
+        return (self, tuple(t.shape), t.stride(), t.storage_offset())
+
+    def unpack(self, packed):
+        if not isinstance(packed, tuple):
+            return packed
+        if self.cache is None:
+            self.cache = self.transport.all_gather(self.local, SEQUENCE_DIM).contiguous()
+        out = self.cache.as_strided(*packed[1:])
+        self.pending -= 1
+        if self.pending <= 0:  # the last projection's backward: free the re-gathered input
+            self.cache = None
+        return out
+
+
+def _storage_ptr(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def share_tp_input(parent: nn.Module, layers: Iterable[nn.Module], sequence_parallel: bool):
     """Communicate ``parent``'s input once for the fallback column layers ``layers`` inside it.
 
-    With SP: ``[B, S_local/tp, H]`` -> all-gather -> ``[B, S_local, H]`` (backward reduce-scatter);
-    without: identity forward, one all-reduce of the input gradient in backward.
+    With SP: ``[B, S_local/tp, H]`` -> all-gather -> ``[B, S_local, H]`` (backward reduce-scatter),
+    the gathered input saved as its shard (``_RegatherSaved``); without: identity forward, one
+    all-reduce of the input gradient in backward.
     """
     for layer in layers:
         layer.input_communicated = True
+    if not sequence_parallel:
+        return parent.register_forward_pre_hook(
+            lambda m, args, kwargs: _replace_input(
+                args, kwargs, lambda x: cg.copy_to_group(x, _tp_transport(x))),
+            with_kwargs=True)
+    inner = parent.forward
 
-    def communicate(x):
+    def forward(*args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
         t = _tp_transport(x)
-        return cg.all_gather(x, SEQUENCE_DIM, t) if sequence_parallel else cg.copy_to_group(x, t)
+        # contiguous: the projections then save views of this one tensor (a non-contiguous
+        # input would be copied, and saved, by each of them).
+        full = cg.all_gather(x, SEQUENCE_DIM, t).contiguous()
+        saved = _RegatherSaved(x, full, t)
+        args, kwargs = _replace_input(args, kwargs, lambda _: full)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            return inner(*args, **kwargs)
 
-    return parent.register_forward_pre_hook(
-        lambda m, args, kwargs: _replace_input(args, kwargs, communicate), with_kwargs=True)
+    parent.forward = forward
 
 
 def gather_tp_input(parent: nn.Module):
