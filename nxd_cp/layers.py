@@ -147,7 +147,7 @@ class FallbackColumnParallelLinear(_TPLayer):
         if not self.input_communicated:
             x = (cg.all_gather(x, self.sequence_dimension, t) if self.sequence_parallel_enabled
                  else cg.copy_to_group(x, t))
-        y = F.linear(x, self.weight, local_bias)
+        y = getattr(x, "nxd_cp_linear", F.linear)(x, self.weight, local_bias)
         if self.gather_output:
             y = cg.gather_from_group(y, -1, t)
             if self.bias is not None and not self.skip_bias_add:
@@ -372,8 +372,8 @@ class ReplicatedKVLinear(_TPLayer):
         if t.size > 1:
             w = _SumOverReplicas.apply(w, self.head, self.num_kv_heads, t)
             b = None if b is None else _SumOverReplicas.apply(b, self.head, self.num_kv_heads, t)
-        # x is replicated over TP and every rank uses it: its gradient is all-reduced too.
-        return F.linear(x if self.input_communicated else cg.copy_to_group(x, t), w, b)
+        x = x if self.input_communicated else cg.copy_to_group(x, t)
+        return getattr(x, "nxd_cp_linear", F.linear)(x, w, b)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, kv head {self.head} of {self.num_kv_heads}, "

@@ -11,7 +11,9 @@ Grouping: the column-parallel projections that read one input (q/k/v, gate/up) s
 communication of it: ``share_tp_input`` hooks the parent module (attention, MLP) to all-gather
 its input once with SP (backward: one reduce-scatter of the summed input gradient), or, without
 SP, to pass it through ``copy_to_group`` once (backward: one all-reduce), and marks the
-projections ``input_communicated`` so they do not communicate it again.
+projections ``input_communicated`` so they do not communicate it again. With SP the projections
+save only this rank's shard of the gathered input and all-gather it again, once, in backward
+(``_Regather``, Megatron's choice): activation memory ``S/(cp*tp)`` for that input too.
 
 Parameters used on sequence-sharded activations (norm weights / biases, the bias of a
 sequence-parallel row layer) get only this rank's tokens' share of their gradient: they carry
@@ -24,6 +26,7 @@ from __future__ import annotations
 from typing import Iterable, List
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nxd_cp import parallel_state as ps
@@ -54,73 +57,68 @@ def _replace_input(args, kwargs, fn):
     return args, kwargs
 
 
-class _RegatherSaved:
-    """Saved-tensor hooks for one call of a module whose input was all-gathered over TP.
+class _Regather:
+    """The TP shard of an all-gathered input, all-gathered again (once) in backward for the
+    weight gradients of the projections that read it, as Megatron's SP does: the input costs
+    ``1/tp`` of its size in saved memory, for one more all-gather per backward."""
 
-    The projections inside save the gathered ``[B, S_local, H]`` input for their weight
-    gradients; these hooks keep only the local ``[B, S_local/tp, H]`` shard and all-gather it
-    again (once, shared by every projection) in backward, as Megatron's SP does: that input then
-    costs 1/tp of its size in saved memory, for one more all-gather in backward. Tensors without
-    a storage (XLA, whose compiler decides what to keep) are saved as they are.
-    """
+    def __init__(self, local: torch.Tensor, transport):
+        self.local, self.transport, self.users, self.cache = local.detach(), transport, 0, None
 
-    def __init__(self, local: torch.Tensor, full: torch.Tensor, transport):
-        self.local, self.transport, self.pending, self.cache = local.detach(), transport, 0, None
-        self.key = _storage_ptr(full)
+    def linear(self, x, weight, bias=None):
+        """``F.linear(x, weight, bias)`` for x the gathered input, saving only the shard."""
+        self.users += 1
+        return _RegatherLinear.apply(x, weight, bias, self)
 
-    def pack(self, t: torch.Tensor):
-        if self.key is None or _storage_ptr(t) != self.key:
-            return t
-        self.pending += 1
-        return (self, tuple(t.shape), t.stride(), t.storage_offset())
-
-    def unpack(self, packed):
-        if not isinstance(packed, tuple):
-            return packed
+    def full(self) -> torch.Tensor:
         if self.cache is None:
-            self.cache = self.transport.all_gather(self.local, SEQUENCE_DIM).contiguous()
-        out = self.cache.as_strided(*packed[1:])
-        self.pending -= 1
-        if self.pending <= 0:  # the last projection's backward: free the re-gathered input
+            self.cache = self.transport.all_gather(self.local, SEQUENCE_DIM)
+        return self.cache
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:  # the last projection's backward: free the re-gathered input
             self.cache = None
-        return out
 
 
-def _storage_ptr(t: torch.Tensor):
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
+class _RegatherLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, holder):
+        ctx.holder, ctx.has_bias = holder, bias is not None
+        ctx.save_for_backward(holder.local, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        _, weight = ctx.saved_tensors
+        full = ctx.holder.full()
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_w = g2.t().matmul(full.reshape(-1, full.shape[-1]).to(g2.dtype))
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        ctx.holder.release()
+        return g.matmul(weight), grad_w, grad_b, None
 
 
 def share_tp_input(parent: nn.Module, layers: Iterable[nn.Module], sequence_parallel: bool):
     """Communicate ``parent``'s input once for the fallback column layers ``layers`` inside it.
 
     With SP: ``[B, S_local/tp, H]`` -> all-gather -> ``[B, S_local, H]`` (backward reduce-scatter),
-    the gathered input saved as its shard (``_RegatherSaved``); without: identity forward, one
-    all-reduce of the input gradient in backward.
+    carrying ``nxd_cp_linear`` (``_Regather.linear``) that the layers use to save only the shard;
+    without: identity forward, one all-reduce of the input gradient in backward.
     """
     for layer in layers:
         layer.input_communicated = True
-    if not sequence_parallel:
-        return parent.register_forward_pre_hook(
-            lambda m, args, kwargs: _replace_input(
-                args, kwargs, lambda x: cg.copy_to_group(x, _tp_transport(x))),
-            with_kwargs=True)
-    inner = parent.forward
 
-    def forward(*args, **kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
+    def communicate(x):
         t = _tp_transport(x)
-        # contiguous: the projections then save views of this one tensor (a non-contiguous
-        # input would be copied, and saved, by each of them).
+        if not sequence_parallel:
+            return cg.copy_to_group(x, t)
         full = cg.all_gather(x, SEQUENCE_DIM, t).contiguous()
-        saved = _RegatherSaved(x, full, t)
-        args, kwargs = _replace_input(args, kwargs, lambda _: full)
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            return inner(*args, **kwargs)
+        full.nxd_cp_linear = _Regather(x, t).linear
+        return full
 
-    parent.forward = forward
+    return parent.register_forward_pre_hook(
+        lambda m, args, kwargs: _replace_input(args, kwargs, communicate), with_kwargs=True)
 
 
 def gather_tp_input(parent: nn.Module):
