@@ -35,6 +35,9 @@ from nxd_cp.comm import autograd as cg
 from nxd_cp.grads import ModelOrParams, _all_reduce_grads
 
 SEQUENCE_DIM = 1  # transformers' activations are batch-first: [B, S, H]
+# False (benchmark baseline): each projection all-reduces its input gradient itself, and with SP
+# the input is gathered as on the NxD path (gather_tp_input).
+GROUP_TP_INPUTS = True
 
 
 def check_sequence_split(local_len: int, tp: int) -> None:
@@ -200,8 +203,9 @@ def wire_model(model: nn.Module, spec, new, sequence_parallel: bool) -> List[str
             path = f"{spec.base}.{spec.layers}.{i}.{p}"
             parents.setdefault(path.rpartition(".")[0], []).append(new[path])
         for parent, cols in parents.items():
-            if all(isinstance(c, (L.FallbackColumnParallelLinear, L.ReplicatedKVLinear))
-                   for c in cols):
+            if GROUP_TP_INPUTS and all(
+                    isinstance(c, (L.FallbackColumnParallelLinear, L.ReplicatedKVLinear))
+                    for c in cols):
                 share_tp_input(get_path(model, parent), cols, sequence_parallel)
             elif sequence_parallel:
                 gather_tp_input(get_path(model, parent))
