@@ -152,7 +152,8 @@ def main() -> None:
     print_table(f"Saved for backward per rank, SP off / on (tiny Llama, S={seq_len}, bf16)",
                 ["layout", "SP", "decoder layer", "Megatron estimate",
                  "ratio", "whole model"], mem_rows,
-                note="Megatron estimate: sbh(10+24/t) without SP, sbh*34/t with SP, for a GPT layer (4h GELU MLP, dropout masks, MHA); "
+                note="Megatron estimate: sbh(10+24/t) without SP, sbh*34/t with SP, for a GPT "
+                     "layer (4h GELU MLP, dropout masks, MHA); "
                      "this Llama has GQA (2 KV heads) and a gated 2.75h MLP, no dropout.")
     print_table(f"Collectives of one decoder layer per rank (S={seq_len}, bf16)",
                 ["layout", "SP", "grouped", "TP fwd", "forward", "TP bwd", "backward"],
