@@ -22,7 +22,7 @@ of the TP group holds the contiguous chunk ``r`` of the partition dim (stride 1)
 
 SP (``sequence_parallel_enabled``, NxD's semantics): column layers all-gather the input on
 ``sequence_dimension`` (default 0; backward reduce-scatter), row layers reduce-scatter the output
-(backward all-gather) and mark their bias ``sequence_parallel_enabled`` (``nxd_cp.sequence_parallel``).
+(backward all-gather) and mark their bias ``sequence_parallel_enabled`` (see sequence_parallel).
 ``input_communicated = True`` skips a column layer's input collective (done by the caller).
 """
 from __future__ import annotations
