@@ -61,6 +61,8 @@ def parse_args(argv=None):
                    help="recompute each decoder layer in backward (large models)")
     p.add_argument("--vocab_parallel_logits", action="store_true",
                    help="keep logits split by vocabulary over TP; the loss is vocab-parallel")
+    p.add_argument("--sequence_parallel", action="store_true",
+                   help="sequence parallelism inside TP (norms / residuals on S/(cp*tp) tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=1)
     p.add_argument("--check", action="store_true",
@@ -178,6 +180,7 @@ def main(argv=None) -> int:
     nxd_cp.neuronx_distributed_config(
         tensor_parallel_size=args.tensor_parallel_size,
         context_parallel_size=args.context_parallel_size,
+        sequence_parallel=args.sequence_parallel,
         context_parallel_config={"comm_type": args.cp_comm_type,
                                  "load_balance": args.load_balance})
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_size()
@@ -188,7 +191,8 @@ def main(argv=None) -> int:
     reference = copy.deepcopy(model) if args.check and rank == 0 else None
     model = nxd_cp.transform(model, cp_comm_type=args.cp_comm_type,
                              load_balance=args.load_balance,
-                             vocab_parallel_logits=args.vocab_parallel_logits).to(device)
+                             vocab_parallel_logits=args.vocab_parallel_logits,
+                             sequence_parallel=args.sequence_parallel).to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if model.config.tie_word_embeddings:
@@ -225,6 +229,7 @@ def main(argv=None) -> int:
             loss = model(**batch).loss
         with nxd_cp.count_bytes() as sent_bwd:
             loss.backward()
+            nxd_cp.allreduce_sequence_parallel_gradients(model)  # no-op without SP
             if dp > 1:
                 nxd_cp.allreduce_data_context_parallel_gradients(model)
             else:

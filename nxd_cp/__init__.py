@@ -29,6 +29,7 @@ from nxd_cp.grads import (allreduce_context_parallel_gradients,
 from nxd_cp.loss import context_parallel_cross_entropy
 from nxd_cp.memory import count_saved_bytes
 from nxd_cp.nn import ContextParallelAttention, parallelize, register_module
+from nxd_cp.sequence_parallel import allreduce_sequence_parallel_gradients
 from nxd_cp.sharding import sequence_positions, shard_sequence, unshard_sequence
 
 _LAZY = {"transform": "nxd_cp.models", "full_state_dict": "nxd_cp.models",
@@ -46,7 +47,8 @@ def __getattr__(name):
 __all__ = ["parallel_state", "context_parallel_attention", "count_bytes", "count_saved_bytes",
            "ContextParallelConfig", "neuronx_distributed_config",
            "get_batch_on_this_context_parallel_rank", "allreduce_context_parallel_gradients",
-           "allreduce_data_context_parallel_gradients", "context_parallel_cross_entropy",
+           "allreduce_data_context_parallel_gradients", "allreduce_sequence_parallel_gradients",
+           "context_parallel_cross_entropy",
            "sequence_positions", "shard_sequence", "unshard_sequence", "transform",
            "full_state_dict", "models", "save_checkpoint", "load_checkpoint", "has_checkpoint",
            "checkpoint_metadata", "ContextParallelAttention", "register_module",

@@ -309,7 +309,6 @@ def _check_supported(cfg: NeuronxDistributedConfig, with_nxd: bool) -> None:
     needs_nxd = (  # (key, value, refused when, rule on the fallback)
         ("pipeline_parallel_size", cfg.pipeline_parallel_size, cfg.pipeline_parallel_size > 1,
          "must be 1"),
-        ("sequence_parallel", cfg.sequence_parallel, cfg.sequence_parallel, "must be False"),
         ("pad_model", cfg.pad_model, cfg.pad_model, "must be False"),
         ("lora_config", cfg.lora_config, cfg.lora_config is not None, "must be None"),
         # NxD's wrapper applies it; on the fallback call model.gradient_checkpointing_enable().

@@ -15,11 +15,15 @@ arguments for the subset nxd_cp uses and lay parameters out as NxD does:
 | RowParallelLinear     | ``[out, in/tp]``   | ``[out]``                                    |
 | ParallelEmbedding     | ``[V/tp, H]``      | - (``[V, H/tp]`` weight if shard_across_embedding) |
 
-Full-size biases are added after the gather / all-reduce. Sharded parameters carry NxD's
-attributes ``tensor_model_parallel=True``, ``partition_dim``, ``partition_stride=1`` and
-``num_partitions`` (``nxd_cp.models.common.partition_of`` reads the layout from the layer type
-first, as these attributes do not survive ``.to("xla")``). Rank ``r`` of the TP group holds the
-contiguous chunk ``r`` of the partition dim (stride 1). No sequence parallelism in the fallback.
+Full-size biases are added after the gather / all-reduce. Sharded parameters carry NxD's attributes ``tensor_model_parallel=True``, ``partition_dim``,
+``partition_stride=1`` and ``num_partitions`` (``nxd_cp.models.common.partition_of`` reads the
+layout from the layer type first, as these attributes do not survive ``.to("xla")``). Rank ``r``
+of the TP group holds the contiguous chunk ``r`` of the partition dim (stride 1).
+
+SP (``sequence_parallel_enabled``, NxD's semantics): column layers all-gather the input on
+``sequence_dimension`` (default 0; backward reduce-scatter), row layers reduce-scatter the output
+(backward all-gather) and mark their bias ``sequence_parallel_enabled`` (see sequence_parallel).
+``input_communicated = True`` skips a column layer's input collective (done by the caller).
 """
 from __future__ import annotations
 
@@ -42,9 +46,8 @@ from nxd_cp.loss import fallback_parallel_cross_entropy, parallel_cross_entropy 
 def _no_sequence_parallel(enabled: bool, layer: str) -> None:
     if enabled:
         raise NotImplementedError(
-            f"{layer}(sequence_parallel_enabled=True) needs NeuronX Distributed: the "
-            "torch.distributed fallback of nxd_cp has no sequence parallelism inside TP "
-            "(context parallelism already splits the sequence over the CP group)")
+            f"{layer}(sequence_parallel_enabled=True) needs NeuronX Distributed: the fallback has "
+            "it in its linear layers only (nxd_cp.transform scatters the embedding output)")
 
 
 def _mark_parallel(p: nn.Parameter, dim: int, tp: int) -> None:
@@ -93,7 +96,9 @@ class FallbackColumnParallelLinear(_TPLayer):
     """``y = x W^T + b`` with W split by output features over TP.
 
     x ``[..., in]`` (replicated over TP; its gradient is all-reduced) ->
-    ``[..., out/tp]``, or ``[..., out]`` with ``gather_output=True``.
+    ``[..., out/tp]``, or ``[..., out]`` with ``gather_output=True``. With
+    ``sequence_parallel_enabled`` x holds this rank's ``1/tp`` of the sequence on
+    ``sequence_dimension``; the output has the whole (TP group's) sequence.
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True,
@@ -104,7 +109,6 @@ class FallbackColumnParallelLinear(_TPLayer):
                  skip_bias_add: bool = False, pad: bool = False,
                  tensor_model_parallel_group=None, **unsupported):
         super().__init__(tensor_model_parallel_group)
-        _no_sequence_parallel(sequence_parallel_enabled, "ColumnParallelLinear")
         if stride != 1 or pad or unsupported:
             raise NotImplementedError(
                 f"ColumnParallelLinear fallback supports stride=1, pad=False and no other "
@@ -113,6 +117,9 @@ class FallbackColumnParallelLinear(_TPLayer):
         self.input_size, self.output_size = input_size, output_size
         self.output_size_per_partition = _divide(output_size, tp, "output_size")
         self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
+        self.sequence_parallel_enabled = sequence_parallel_enabled
+        self.sequence_dimension = sequence_dimension or 0  # NxD's default
+        self.input_communicated = False
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size,
                                                dtype=dtype, device=device))
         _mark_parallel(self.weight, 0, tp)
@@ -129,7 +136,10 @@ class FallbackColumnParallelLinear(_TPLayer):
     def forward(self, x: torch.Tensor):
         t = self._transport(x)
         local_bias = None if (self.gather_output or self.skip_bias_add) else self.bias
-        y = F.linear(cg.copy_to_group(x, t), self.weight, local_bias)
+        if not self.input_communicated:
+            x = (cg.all_gather(x, self.sequence_dimension, t) if self.sequence_parallel_enabled
+                 else cg.copy_to_group(x, t))
+        y = getattr(x, "nxd_cp_linear", F.linear)(x, self.weight, local_bias)
         if self.gather_output:
             y = cg.gather_from_group(y, -1, t)
             if self.bias is not None and not self.skip_bias_add:
@@ -145,7 +155,9 @@ class FallbackRowParallelLinear(_TPLayer):
     """``y = x W^T + b`` with W split by input features over TP.
 
     x ``[..., in/tp]`` with ``input_is_parallel=True`` (else ``[..., in]``, scattered here) ->
-    ``[..., out]``, all-reduced over TP (``reduce_output=False`` leaves the partial sums).
+    ``[..., out]``, all-reduced over TP (``reduce_output=False`` leaves the partial sums); with
+    ``sequence_parallel_enabled`` reduce-scattered instead: this rank's ``1/tp`` of the sequence
+    on ``sequence_dimension``.
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True,
@@ -156,7 +168,10 @@ class FallbackRowParallelLinear(_TPLayer):
                  skip_bias_add: bool = False, pad: bool = False, reduce_output: bool = True,
                  tensor_model_parallel_group=None, **unsupported):
         super().__init__(tensor_model_parallel_group)
-        _no_sequence_parallel(sequence_parallel_enabled, "RowParallelLinear")
+        if sequence_parallel_enabled and not (input_is_parallel and reduce_output):
+            raise RuntimeError("RowParallelLinear(sequence_parallel_enabled=True) needs input_is_"
+                               f"parallel=True and reduce_output=True, got {input_is_parallel=}, "
+                               f"{reduce_output=}")
         if stride != 1 or pad or unsupported:
             raise NotImplementedError(
                 f"RowParallelLinear fallback supports stride=1, pad=False and no other "
@@ -166,6 +181,8 @@ class FallbackRowParallelLinear(_TPLayer):
         self.input_size_per_partition = _divide(input_size, tp, "input_size")
         self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
         self.reduce_output = reduce_output
+        self.sequence_parallel_enabled = sequence_parallel_enabled
+        self.sequence_dimension = sequence_dimension or 0  # NxD's default
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition,
                                                dtype=dtype, device=device))
         _mark_parallel(self.weight, 1, tp)
@@ -173,6 +190,7 @@ class FallbackRowParallelLinear(_TPLayer):
                     init_method or _default_linear_init)
         if bias:
             self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device))
+            self.bias.sequence_parallel_enabled = sequence_parallel_enabled  # as NxD marks it
         else:
             self.register_parameter("bias", None)
 
@@ -181,7 +199,9 @@ class FallbackRowParallelLinear(_TPLayer):
         if not self.input_is_parallel:
             x = cg.scatter_to_group(x, -1, t)
         y = F.linear(x, self.weight)
-        if self.reduce_output:
+        if self.sequence_parallel_enabled:
+            y = cg.reduce_scatter(y, self.sequence_dimension, t)
+        elif self.reduce_output:
             y = cg.reduce_from_group(y, t)
         if self.skip_bias_add:
             return y, self.bias
@@ -298,6 +318,7 @@ class ReplicatedKVLinear(_TPLayer):
                              f"a multiple of num_key_value_heads={num_kv_heads}")
         self.input_size, self.num_kv_heads, self.head_dim = input_size, num_kv_heads, head_dim
         self.replicas = tp // num_kv_heads
+        self.input_communicated = False
         self.head = self._tp.rank // self.replicas
         self.weight = nn.Parameter(torch.empty(head_dim, input_size, dtype=dtype, device=device))
         self.weight.nxd_cp_kv_replicas = self.replicas
@@ -315,8 +336,8 @@ class ReplicatedKVLinear(_TPLayer):
         if t.size > 1:
             w = _SumOverReplicas.apply(w, self.head, self.num_kv_heads, t)
             b = None if b is None else _SumOverReplicas.apply(b, self.head, self.num_kv_heads, t)
-        # x is replicated over TP and every rank uses it: its gradient is all-reduced too.
-        return F.linear(cg.copy_to_group(x, t), w, b)
+        x = x if self.input_communicated else cg.copy_to_group(x, t)
+        return getattr(x, "nxd_cp_linear", F.linear)(x, w, b)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, kv head {self.head} of {self.num_kv_heads}, "

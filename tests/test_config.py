@@ -135,8 +135,6 @@ BAD = [
     (dict(expert_parallel_size=2), NotImplementedError,
      r"expert_parallel_size=2 is not supported"),
     (dict(lnc_size=2), NotImplementedError, r"lnc_size=2 is not supported"),
-    (dict(sequence_parallel=True), NotImplementedError,
-     r"sequence_parallel=True needs NeuronX Distributed.*must be False"),
     (dict(pad_model=True), NotImplementedError, r"pad_model=True needs NeuronX Distributed"),
     (dict(lora_config=object()), NotImplementedError, r"lora_config=.* needs NeuronX"),
     (dict(activation_checkpoint_config="full"), NotImplementedError,

@@ -26,7 +26,8 @@ def run_example(tmp_path, nproc, *args, env_extra=None):
     # TP1 x CP2 x DP2: different batches per DP rank, all-gather, contiguous layout
     ["--context_parallel_size", "2", "--cp_comm_type", "all_gather",
      "--load_balance", "contiguous", "--batch_size", "2"],
-], ids=["tp2xcp2-p2p", "cp2xdp2-allgather"])
+    ["--tensor_parallel_size", "2", "--context_parallel_size", "2", "--sequence_parallel"],
+], ids=["tp2xcp2-p2p", "cp2xdp2-allgather", "tp2xcp2-sp"])
 def test_example_matches_unmodified_model(tmp_path, args):
     summary, out = run_example(tmp_path, 4, "--seq_len", "512", "--steps", "3", "--check",
                                *args)

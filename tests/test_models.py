@@ -95,21 +95,23 @@ def rel(a, b):
 # ---------------------------------------------------------------------------------------------
 # Rank-side scenarios
 # ---------------------------------------------------------------------------------------------
-def run_case(arch, comm, padded=False, ckpt=False, vocab_parallel=False, meta=False):
+def run_case(arch, comm, padded=False, ckpt=False, vocab_parallel=False, meta=False, sp=False):
     """Train the transformed model and (on rank 0) the reference; return errors."""
     import torch.distributed as dist
     from nxd_cp import parallel_state as ps
     from nxd_cp.data import get_batch_on_this_context_parallel_rank
     from nxd_cp.grads import allreduce_data_context_parallel_gradients
     from nxd_cp.models import full_gradients, full_state_dict, transform
+    from nxd_cp.sequence_parallel import allreduce_sequence_parallel_gradients
 
     rank0 = dist.get_rank() == 0
     dp, dp_rank = ps.get_data_parallel_size(), ps.get_data_parallel_rank()
     if meta:
         model = transform(make_model(arch, meta=True), comm,
-                          state_dict=make_model(arch).state_dict())
+                          state_dict=make_model(arch).state_dict(), sequence_parallel=sp)
     else:
-        model = transform(make_model(arch), comm, vocab_parallel_logits=vocab_parallel)
+        model = transform(make_model(arch), comm, vocab_parallel_logits=vocab_parallel,
+                          sequence_parallel=sp)
     ref = make_model(arch) if rank0 else None
     if ckpt:
         model.gradient_checkpointing_enable()
@@ -128,6 +130,7 @@ def run_case(arch, comm, padded=False, ckpt=False, vocab_parallel=False, meta=Fa
         out = model(**mine)
         out.loss.backward()
         allreduce_data_context_parallel_gradients(model)
+        allreduce_sequence_parallel_gradients(model)  # norms' partial gradients (SP only)
         res["loss"].append(out.loss.item())
         grads = full_gradients(model) if step == 0 else None
         opt.step()

@@ -10,6 +10,12 @@ What changes (and nothing else does):
 * the config selects the ``"nxd_cp"`` attention implementation (``hf_attention``): attention
   over the CP group with the causal / sliding-window mask of the config;
 * ``model.loss_function`` -> token-weighted CP cross entropy on *already shifted* labels;
+* ``sequence_parallel=True``: Megatron / NxD sequence parallelism inside TP
+  (``nxd_cp.sequence_parallel``): the first decoder layer's input (the embedding output) is split
+  over TP along the sequence, norms and residuals run on ``S/(cp*tp)`` tokens, attention / MLP
+  see the all-gathered ``[B, S/cp, H]``, the lm_head all-gathers the final norm's output (logits
+  ``[B, S/cp, V]`` as without SP); call ``allreduce_sequence_parallel_gradients(model)`` after
+  backward. Without SP the fallback's q/k/v and gate/up share one input all-reduce in backward;
 * a forward pre-hook rejects what CP cannot run (KV cache, missing global ``position_ids``,
   a local sequence that is not a valid shard) and turns ``use_cache`` off.
 
@@ -39,6 +45,7 @@ from nxd_cp.models.registry import supported_architectures  # noqa: F401
 from nxd_cp.nn.registry import registered_modules, replace_registered_modules
 from nxd_cp.nn.shared import HeadShared
 from nxd_cp.sharding import check_load_balance
+from nxd_cp import sequence_parallel as sp
 
 COMM_TYPES = ("p2p", "all_gather")
 _META = torch.device("meta")
@@ -60,6 +67,10 @@ def _check_inputs(model: nn.Module, args, kwargs):
         raise ValueError("past_key_values / use_cache=True are not supported by a "
                          "context-parallel model (training only: no KV cache)")
     kwargs["use_cache"] = False
+    seq = kwargs.get("input_ids", args[0] if args else None)
+    seq = kwargs.get("inputs_embeds") if seq is None else seq
+    if cfg["sequence_parallel"] and seq is not None:
+        sp.check_sequence_split(seq.shape[1], ps.get_tensor_model_parallel_size())
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() != 2:
         raise ValueError(f"attention_mask must be 2-D [batch, seq] (1 = real token) under "
@@ -84,19 +95,23 @@ def _check_inputs(model: nn.Module, args, kwargs):
 
 
 def _parallel_modules(model: nn.Module, spec: ArchSpec, sizes: Dict[str, int],
-                      vocab_parallel_logits: bool, skip=()) -> Dict[str, nn.Module]:
+                      vocab_parallel_logits: bool, skip=(), seq_par: bool = False
+                      ) -> Dict[str, nn.Module]:
     """path -> new TP module (on the meta device) for every module that gets split; paths
     under ``skip`` (replaced through ``register_module``) are left alone."""
     tp = ps.get_tensor_model_parallel_size()
     new = {}
 
-    def column(path, gather_output=False):
+    def column(path, gather_output=False, **sp_args):
         if path.startswith(skip):
             return
         lin = get_path(model, path)
         new[path] = ColumnParallelLinear(lin.in_features, lin.out_features,
                                          bias=lin.bias is not None, gather_output=gather_output,
-                                         dtype=lin.weight.dtype, device=_META)
+                                         dtype=lin.weight.dtype, device=_META, **sp_args)
+
+    # With SP the row layers reduce-scatter on the sequence dim of [B, S, H] (NxD's too).
+    sp_args = dict(sequence_parallel_enabled=True, sequence_dimension=1) if seq_par else {}
 
     def row(path):
         if path.startswith(skip):
@@ -104,7 +119,7 @@ def _parallel_modules(model: nn.Module, spec: ArchSpec, sizes: Dict[str, int],
         lin = get_path(model, path)
         new[path] = RowParallelLinear(lin.in_features, lin.out_features,
                                       bias=lin.bias is not None, input_is_parallel=True,
-                                      dtype=lin.weight.dtype, device=_META)
+                                      dtype=lin.weight.dtype, device=_META, **sp_args)
 
     emb_path = f"{spec.base}.{spec.embedding}"
     emb = get_path(model, emb_path)
@@ -129,7 +144,9 @@ def _parallel_modules(model: nn.Module, spec: ArchSpec, sizes: Dict[str, int],
                 new[prefix + p] = ReplicatedKVLinear(lin.in_features, hkv, sizes["head_dim"],
                                                      bias=lin.bias is not None,
                                                      dtype=lin.weight.dtype, device=_META)
-    column(spec.lm_head, gather_output=not vocab_parallel_logits)
+    # NxD's column layer refuses gather_output with SP: wire_model gathers its input instead.
+    column(spec.lm_head, gather_output=not vocab_parallel_logits,
+           **({} if ps.nxd_in_charge() else sp_args))
     return new
 
 
@@ -149,7 +166,8 @@ def _first_device(tensors) -> torch.device:
 
 def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "zigzag",
               state_dict: Optional[Mapping[str, torch.Tensor]] = None,
-              vocab_parallel_logits: bool = False) -> nn.Module:
+              vocab_parallel_logits: bool = False,
+              sequence_parallel: bool = False) -> nn.Module:
     """Turn ``model`` (a registered ``*ForCausalLM``: Llama, Mistral, GPT-NeoX, Qwen2, Qwen3 or
     one added with ``nxd_cp.register_architecture``) into its TP x CP version.
 
@@ -162,6 +180,7 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
     load_balance: "zigzag" or "contiguous" -- must be the layout the batches are sharded with.
     vocab_parallel_logits: keep logits split by vocabulary over TP (``[B, S_local, V/tp]``)
         instead of gathering them; the model's loss is then computed vocab-parallel.
+    sequence_parallel: sequence parallelism inside TP (see above); ``S/cp`` must divide by tp.
 
     The transformed model takes the output of ``get_batch_on_this_context_parallel_rank``:
     ``input_ids`` / ``labels`` (already shifted) / ``position_ids`` (global) /
@@ -207,7 +226,9 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
     lm_head = get_path(model, spec.lm_head)
     embedding = get_path(model, f"{spec.base}.{spec.embedding}")
     tied = lm_head.weight is embedding.weight
-    new = _parallel_modules(model, spec, sizes, vocab_parallel_logits, skip)
+    if not isinstance(sequence_parallel, bool):
+        raise ValueError(f"sequence_parallel={sequence_parallel!r} must be a bool")
+    new = _parallel_modules(model, spec, sizes, vocab_parallel_logits, skip, sequence_parallel)
     devices = {path: next(get_path(model, path).parameters()).device for path in new}
     for path, module in new.items():
         set_path(model, path, module)
@@ -239,7 +260,10 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
                                             vocab_parallel=vocab_parallel_logits)
     model.nxd_cp_config = {"architecture": spec.name, "cp_comm_type": cp_comm_type,
                            "load_balance": load_balance, "window_size": window,
-                           "vocab_parallel_logits": vocab_parallel_logits}
+                           "vocab_parallel_logits": vocab_parallel_logits,
+                           "sequence_parallel": sequence_parallel,
+                           "sequence_parallel_parameters": sp.wire_model(
+                               model, spec, new, sequence_parallel)}
     model.register_forward_pre_hook(_check_inputs, with_kwargs=True)
     return model
 
