@@ -279,71 +279,6 @@ class FallbackParallelEmbedding(_TPLayer):
                 f"{self.end_index}), shard_across_embedding={self.shard_across_embedding}")
 
 
-class _SumOverReplicas(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over the TP ranks that hold the same slot.
-
-    Each rank writes its gradient into slot ``slot`` of a zero ``[n_slots, ...]`` buffer, the
-    buffer is all-reduced over TP and the rank keeps its slot: the sum over its replicas.
-    """
-
-    @staticmethod
-    def forward(ctx, w, slot, n_slots, transport):
-        ctx.slot, ctx.n_slots, ctx.transport = slot, n_slots, transport
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, g):
-        buf = g.new_zeros((ctx.n_slots,) + tuple(g.shape))
-        buf[ctx.slot] = g
-        return ctx.transport.all_reduce(buf)[ctx.slot], None, None, None
-
-
-class ReplicatedKVLinear(_TPLayer):
-    """K or V projection when there are fewer KV heads than TP ranks (tp % num_kv_heads == 0).
-
-    TP rank r holds the rows of KV head ``r // (tp / num_kv_heads)`` (the head its local query
-    heads use): weight ``[head_dim, in]``; x ``[..., in]`` -> ``[..., head_dim]``. The
-    ``tp / num_kv_heads`` ranks holding the same head are replicas: their weight gradients are
-    summed in backward, so each holds the full gradient of that head and optimizer steps keep
-    them identical. Parameters carry ``nxd_cp_kv_replicas = tp / num_kv_heads``.
-    """
-
-    def __init__(self, input_size: int, num_kv_heads: int, head_dim: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
-                 init_method: Optional[Callable] = None, tensor_model_parallel_group=None):
-        super().__init__(tensor_model_parallel_group)
-        tp = self._tp.size
-        if tp % num_kv_heads:
-            raise ValueError(f"ReplicatedKVLinear needs tensor_model_parallel_size={tp} to be "
-                             f"a multiple of num_key_value_heads={num_kv_heads}")
-        self.input_size, self.num_kv_heads, self.head_dim = input_size, num_kv_heads, head_dim
-        self.replicas = tp // num_kv_heads
-        self.input_communicated = False
-        self.head = self._tp.rank // self.replicas
-        self.weight = nn.Parameter(torch.empty(head_dim, input_size, dtype=dtype, device=device))
-        self.weight.nxd_cp_kv_replicas = self.replicas
-        _init_shard(self.weight, (num_kv_heads * head_dim, input_size), 0, self.head,
-                    num_kv_heads, init_method or _default_linear_init)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(head_dim, dtype=dtype, device=device))
-            self.bias.nxd_cp_kv_replicas = self.replicas
-        else:
-            self.register_parameter("bias", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._transport(x)
-        w, b = self.weight, self.bias
-        if t.size > 1:
-            w = _SumOverReplicas.apply(w, self.head, self.num_kv_heads, t)
-            b = None if b is None else _SumOverReplicas.apply(b, self.head, self.num_kv_heads, t)
-        x = x if self.input_communicated else cg.copy_to_group(x, t)
-        return getattr(x, "nxd_cp_linear", F.linear)(x, w, b)
-
-    def extra_repr(self) -> str:
-        return (f"in={self.input_size}, kv head {self.head} of {self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, replicas={self.replicas}")
-
-
 def _nxd_layer_class(name: str, built: bool = False):
     """NxD's layer class ``name``: when NxD is in charge, or (``built``) when NxD's layers are
     already imported (for isinstance on a layer built earlier); else None."""
@@ -403,6 +338,9 @@ class ParallelEmbedding(metaclass=_NxDOrFallback):
 
 
 def __getattr__(name: str):
+    if name == "ReplicatedKVLinear":  # its own module; imported here lazily (it builds on _TPLayer)
+        from nxd_cp.kv_replication import ReplicatedKVLinear
+        return ReplicatedKVLinear
     if name == "USING_NXD":  # read at each access: NxD is in charge or not at that moment
         return ps.nxd_in_charge()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

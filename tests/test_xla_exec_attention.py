@@ -176,10 +176,6 @@ def test_wrong_rank_program_fails_to_match():
     assert min(worst.values()) > 1e-2, worst
 
 
-@pytest.mark.xfail(strict=True, reason="nxd_cp/attention/kernels.py compares with a Python "
-                   "float('-inf') (lines ~103, 197, 203: `x == _NEG_INF`); torch-xla lowers "
-                   "that as an f64 scalar parameter and converts the whole f32 operand to f64. "
-                   "torch.isneginf(x) lowers without f64. Remove this mark once fixed.")
 def test_attention_graph_has_no_f64(world):
     """The project's XLA rule: no f64 in a step's graph (Trainium has no f64 arithmetic)."""
     _, _, modules, _, _ = world
