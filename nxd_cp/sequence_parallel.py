@@ -201,6 +201,8 @@ def wire_model(model: nn.Module, spec, new, sequence_parallel: bool) -> List[str
         parents = {}
         for p in spec.column + spec.kv:
             path = f"{spec.base}.{spec.layers}.{i}.{p}"
+            if path not in new:  # replaced through nxd_cp.register_module: its own wiring
+                continue
             parents.setdefault(path.rpartition(".")[0], []).append(new[path])
         for parent, cols in parents.items():
             if GROUP_TP_INPUTS and all(

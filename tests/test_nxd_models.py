@@ -189,7 +189,23 @@ def four_rank_nxd(rank, world):
                  ("mistral", "all_gather", {"ckpt": True}), ("gpt_neox", "p2p", {"padded": True})],
     }
     out.update(_run_plans(plans))
+    out["sp_refused"] = sp_refused()
     return out
+
+
+def sp_refused():
+    """transform(sequence_parallel=True) on NxD's layers: a clear error, never a silent drop."""
+    from nxd_cp import parallel_state as ps
+    from nxd_cp.models import transform
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
+    try:
+        transform(tm.make_model("llama"), "p2p", sequence_parallel=True)
+    except NotImplementedError as e:
+        return str(e)
+    finally:
+        ps.destroy_model_parallel()
+    return None
 
 
 def eight_rank_nxd(rank, world):
@@ -268,6 +284,11 @@ def test_transform_on_nxd_layers_matches_reference(four):
     fails = _report(four, "NxD layers, 4 ranks")
     assert len(_model_cases(four)) == 15
     assert not fails, "\n".join(fails)
+
+
+def test_sequence_parallel_refused_on_nxd_layers(four):
+    for r in four:
+        assert r["sp_refused"] and "sequence_parallel=True" in r["sp_refused"], r["sp_refused"]
 
 
 def test_transform_on_nxd_layers_dp(eight):

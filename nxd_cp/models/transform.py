@@ -228,6 +228,14 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
     tied = lm_head.weight is embedding.weight
     if not isinstance(sequence_parallel, bool):
         raise ValueError(f"sequence_parallel={sequence_parallel!r} must be a bool")
+    if sequence_parallel and ps.nxd_in_charge():
+        # Measured on NxD 0.18's real layers: its sequence-parallel linear backward .view()s a
+        # gradient laid out [B, S, H] with sequence_dimension=1 and fails; refuse rather than
+        # run a path that is not verified.
+        raise NotImplementedError(
+            "sequence_parallel=True is not supported yet while NeuronX Distributed's layers are "
+            "in charge (nxd_cp.parallel_state.nxd_in_charge() is True); it runs on nxd_cp's "
+            "fallback layers (NXD_CP_DISABLE_NXD=1)")
     new = _parallel_modules(model, spec, sizes, vocab_parallel_logits, skip, sequence_parallel)
     devices = {path: next(get_path(model, path).parameters()).device for path in new}
     for path, module in new.items():

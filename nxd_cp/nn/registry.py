@@ -109,23 +109,27 @@ def register_module(module_cls: type, replacement_cls: type, init_hook: Optional
     a non-module class or a hook whose signature cannot take what it will be given (naming the
     hook and both signatures)."""
     for what, cls in (("module_cls", module_cls), ("replacement_cls", replacement_cls)):
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        # nxd_cp.layers' public TP classes build NxD's layer or their ``fallback`` module.
+        if not (isinstance(cls, type) and issubclass(getattr(cls, "fallback", cls), nn.Module)):
             raise ValueError(f"register_module: {what}={cls!r} must be a torch.nn.Module "
                              f"subclass")
     for what, fn in (("init_hook", init_hook), ("forward_hook", forward_hook),
                      ("return_hook", return_hook)):
         if fn is not None and not callable(fn):
             raise ValueError(f"register_module: {what}={fn!r} must be callable or None")
+    # Signatures are checked on the fallback of nxd_cp.layers' NxD-or-fallback classes (NxD's
+    # layers take the same arguments).
+    checked = getattr(replacement_cls, "fallback", replacement_cls)
     if init_hook is not None:
         _check_one_argument(init_hook, "init_hook", f"the {module_cls.__name__} instance")
     else:
-        _check_one_argument(replacement_cls,
+        _check_one_argument(checked,
                             f"{replacement_cls.__name__}.__init__ (no init_hook given)",
                             f"the {module_cls.__name__} instance")
     if forward_hook is not None:
         _check_accepts(forward_hook, "forward_hook", module_cls)
     else:
-        _check_accepts(_unbound(replacement_cls.forward),
+        _check_accepts(_unbound(checked.forward),
                        f"{replacement_cls.__name__}.forward (no forward_hook given)", module_cls)
     if return_hook is not None:
         _check_one_argument(return_hook, "return_hook",
