@@ -18,6 +18,6 @@ def test_explicit_rank_gives_that_ranks_groups_and_restores():
             assert ps.get_context_model_parallel_rank() == 2
         assert ps.get_context_model_parallel_size() == 2
     assert not ps.model_parallel_is_initialized()
-    with pytest.raises(ValueError, match=r"rank=4 must be in \[0, world_size=4\)"):
+    with pytest.raises(ValueError, match=r"rank=4 must be an integer in \[0, world_size=4\)"):
         with ps.explicit_rank(4, 4):
             pass

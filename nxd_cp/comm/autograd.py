@@ -28,6 +28,7 @@ def own_chunk(x: torch.Tensor, dim: int, transport: Transport) -> torch.Tensor:
     rank = transport.rank_value(x.device)
     if isinstance(rank, int):
         return x.chunk(n, dim=dim)[rank].contiguous()
+    dim = dim % x.dim()  # a negative dim would name the wrong axis after unflatten
     return x.unflatten(dim, (n, x.shape[dim] // n)).index_select(dim, rank).squeeze(dim)
 
 
