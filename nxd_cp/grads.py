@@ -58,8 +58,9 @@ def _check_not_nxd_optimizer(model_or_params: ModelOrParams, name: str) -> None:
                        "already reduces over DP x CP)", name)
 
 
-def _grads(model_or_params: ModelOrParams) -> List[torch.Tensor]:
-    """The ``.grad`` tensors of a module, an optimizer's param groups or an iterable of params."""
+def _grads(model_or_params: ModelOrParams, keep=None) -> List[torch.Tensor]:
+    """The ``.grad`` tensors of a module, an optimizer's param groups or an iterable of params
+    (those whose parameter passes ``keep``, when given); tied weights appear once."""
     if isinstance(model_or_params, nn.Module):
         params = model_or_params.parameters()
     elif isinstance(model_or_params, torch.optim.Optimizer):
@@ -71,7 +72,7 @@ def _grads(model_or_params: ModelOrParams) -> List[torch.Tensor]:
         if id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        if p.grad is not None:
+        if p.grad is not None and (keep is None or keep(p)):
             grads.append(p.grad)
     return grads
 

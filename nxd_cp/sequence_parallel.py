@@ -32,7 +32,7 @@ from torch import nn
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
 from nxd_cp.comm import autograd as cg
-from nxd_cp.grads import ModelOrParams, _all_reduce_grads
+from nxd_cp.grads import ModelOrParams, _all_reduce_grads, _grads
 
 SEQUENCE_DIM = 1  # transformers' activations are batch-first: [B, S, H]
 # False (benchmark baseline): each projection all-reduces its input gradient itself, and with SP
@@ -153,21 +153,8 @@ def _sequence_parallel_grads(model_or_params: ModelOrParams) -> List[torch.Tenso
     if isinstance(model_or_params, nn.Module) and cfg is not None:
         # By name: attributes do not survive .to("xla") (new Parameter objects).
         names = set(cfg.get("sequence_parallel_parameters", ()))
-        params = [p for n, p in model_or_params.named_parameters() if n in names]
-    else:
-        if isinstance(model_or_params, nn.Module):
-            params = model_or_params.parameters()
-        elif isinstance(model_or_params, torch.optim.Optimizer):
-            params = (p for g in model_or_params.param_groups for p in g["params"])
-        else:
-            params = model_or_params
-        params = [p for p in params if getattr(p, "sequence_parallel_enabled", False)]
-    seen, grads = set(), []
-    for p in params:
-        if id(p) not in seen and p.grad is not None:
-            seen.add(id(p))
-            grads.append(p.grad)
-    return grads
+        return _grads([p for n, p in model_or_params.named_parameters() if n in names])
+    return _grads(model_or_params, keep=lambda p: getattr(p, "sequence_parallel_enabled", False))
 
 
 @torch.no_grad()
