@@ -98,6 +98,18 @@ def shard_of(part: Partition, full: torch.Tensor) -> torch.Tensor:
     return full
 
 
+@torch.no_grad()
+def copy_shard(target: torch.Tensor, part: Partition, full: torch.Tensor, what: str) -> None:
+    """Copy this TP rank's part of ``full`` (laid out as ``part``) into ``target``; a
+    ``ValueError`` naming ``what`` when the part's shape is not the target's."""
+    piece = shard_of(part, full)
+    if piece.shape != target.shape:
+        raise ValueError(f"{what} of shape {tuple(full.shape)} gives this rank a part of shape "
+                         f"{tuple(piece.shape)}, but the tensor it loads into has shape "
+                         f"{tuple(target.shape)}")
+    target.copy_(piece)
+
+
 def gather_full(part: Partition, local: torch.Tensor) -> torch.Tensor:
     """The full tensor from every TP rank's ``local`` (a parameter's value or gradient).
 

@@ -38,7 +38,7 @@ from nxd_cp.layers import (ColumnParallelLinear, ParallelEmbedding, ReplicatedKV
 from nxd_cp.loss import context_parallel_cross_entropy
 from nxd_cp.models import hf_attention
 from nxd_cp.models.common import (ArchSpec, Partition, check_sizes, get_path, materialize,
-                                  partitions, set_path, shard_of)
+                                  partitions, set_path, copy_shard)
 from nxd_cp.models.rope import wrap_length_dependent
 from nxd_cp.models.registry import architecture_of as arch_of
 from nxd_cp.models.registry import supported_architectures  # noqa: F401
@@ -299,12 +299,7 @@ def _load(model: nn.Module, full: Mapping[str, torch.Tensor], prefixes, tied_key
             if name not in tied_keys:
                 missing.append(name)
             continue
-        part = shard_of(parts.get(name, Partition()), full[name])
-        if part.shape != target.shape:
-            raise ValueError(f"state_dict[{name!r}] of shape {tuple(full[name].shape)} gives a "
-                             f"part of shape {tuple(part.shape)} for a tensor of shape "
-                             f"{tuple(target.shape)}")
-        target.copy_(part)
+        copy_shard(target, parts.get(name, Partition()), full[name], f"state_dict[{name!r}]")
     if missing:
         raise ValueError(f"state_dict lacks {len(missing)} tensors of the model, e.g. "
                          f"{missing[:5]}")

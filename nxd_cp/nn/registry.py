@@ -200,7 +200,7 @@ def _build(reg: ModuleRegistration, original: nn.Module, path: str) -> nn.Module
 @torch.no_grad()
 def _carry_weights(original: nn.Module, new: nn.Module, path: str) -> None:
     """Give ``new`` this rank's part of every tensor of ``original``'s state dict."""
-    from nxd_cp.models.common import Partition, materialize, partitions, shard_of
+    from nxd_cp.models.common import Partition, copy_shard, materialize, partitions
 
     full = original.state_dict()
     target = new.state_dict(keep_vars=True)
@@ -217,12 +217,8 @@ def _carry_weights(original: nn.Module, new: nn.Module, path: str) -> None:
     target = new.state_dict(keep_vars=True)
     parts = partitions(new)
     for name, t in target.items():
-        part = shard_of(parts.get(name, Partition()), full[name])
-        if part.shape != t.shape:
-            raise ValueError(f"module {path!r}: {name} of shape {tuple(full[name].shape)} gives "
-                             f"this rank a part of shape {tuple(part.shape)}, but "
-                             f"{type(new).__name__}.{name} has shape {tuple(t.shape)}")
-        t.copy_(part)
+        copy_shard(t, parts.get(name, Partition()), full[name],
+                   f"module {path!r} ({type(new).__name__}): {name}")
 
 
 def replace_registered_modules(model: nn.Module) -> List[str]:
