@@ -16,7 +16,6 @@ given (the cost of the CP decomposition alone).
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -26,14 +25,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import forced_kernel, interleaved_medians, parser, print_table, write_json  # noqa: E402
-from feed import FeedTransport, kv_shards  # noqa: E402
-from nxd_cp.attention.all_gather import all_gather_attention  # noqa: E402
+from feed import fed_rank_attention  # noqa: E402
 from nxd_cp.attention import BlockMask, local_attention  # noqa: E402
-from nxd_cp.attention.ring import ring_attention  # noqa: E402
 from nxd_cp.sharding import shard_sequence  # noqa: E402
 
 TARGET = 0.85
-ALGORITHMS = {"p2p": ring_attention, "all_gather": all_gather_attention}
 
 
 def with_kernel(kernel: str, fn):
@@ -54,19 +50,8 @@ def fwd_bwd(fn, inputs, dout):
 
 def rank_step(q, k, v, dout, cp: int, rank: int, comm: str):
     """One rank's forward + backward of CP attention, K/V of the others fed locally."""
-    seq_len = q.shape[2]
-    feed = FeedTransport(rank, kv_shards(k, v, cp))
-    q_l, dout_l = (shard_sequence(t, 2, rank, cp).contiguous() for t in (q, dout))
-    k_l, v_l = feed.shards[rank]
-    scale = 1.0 / math.sqrt(q.shape[-1])
-
-    def attention(qq, kk, vv):
-        feed.start_pass()
-        out = ALGORITHMS[comm](qq, kk, vv, None, transport=feed, seq_len=seq_len,
-                               load_balance="zigzag", causal=True, window=None, scale=scale)
-        feed.start_pass()  # the backward's first shift is the local K/V again
-        return out
-    return fwd_bwd(attention, (q_l, k_l, v_l), dout_l)
+    attention, inputs = fed_rank_attention(q, k, v, cp, rank, comm)
+    return fwd_bwd(attention, inputs, shard_sequence(dout, 2, rank, cp).contiguous())
 
 
 def measure(seq_len: int, cps, kernels, heads, d: int, reps: int, clock: str):

@@ -1,6 +1,6 @@
 """End to end on CPU: a tiny-Llama training step at TP2 x CP2 on 4 gloo ranks vs one rank.
 
-Every configuration runs in fresh spawned processes (``tests/harness.run_ranks``), one intra-op
+Every configuration runs in fresh spawned processes (``nxd_cp.testing.run_ranks``), one intra-op
 thread per rank: ``nxd_cp.transform`` of the same transformers Llama, batches from
 ``nxd_cp.get_batch_on_this_context_parallel_rank``, forward + backward + CP gradient all-reduce
 + AdamW. One warm-up step, then the timed steps.
@@ -42,11 +42,10 @@ def train(rank: int, world: int, tp: int, cp: int, seq_len: int, steps: int):
     import transformers as tf
 
     import nxd_cp
-    from nxd_cp import parallel_state as ps
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    config = nxd_cp.neuronx_distributed_config(tensor_parallel_size=tp, context_parallel_size=cp)
     torch.manual_seed(0)
-    model = nxd_cp.transform(tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)), cp_comm_type="p2p")
+    model = nxd_cp.transform(tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)), config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, LLAMA["vocab_size"], (1, seq_len), generator=g)

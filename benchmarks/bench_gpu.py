@@ -18,7 +18,6 @@ the script (no GPU figures).
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -28,9 +27,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import forced_kernel, interleaved_medians, machine_stamp, parser, print_table, write_json  # noqa: E402
-from feed import FeedTransport, kv_shards  # noqa: E402
+from feed import fed_rank_attention  # noqa: E402
 from nxd_cp.attention import BlockMask, local_attention  # noqa: E402
-from nxd_cp.attention.ring import ring_attention  # noqa: E402
 from nxd_cp.sharding import shard_sequence  # noqa: E402
 
 TARGET = 0.85
@@ -66,17 +64,8 @@ def local(q, k, v):
 
 def rank_step(q, k, v, dout, cp: int, rank: int):
     """One zigzag rank's ring attention fwd + bwd with the other ranks' K/V fed locally."""
-    seq_len, scale = q.shape[2], 1.0 / math.sqrt(D)
-    feed = FeedTransport(rank, kv_shards(k, v, cp))
-    q_l, dout_l = (shard_sequence(t, 2, rank, cp).contiguous() for t in (q, dout))
-
-    def attention(qq, kk, vv):
-        feed.start_pass()
-        out = ring_attention(qq, kk, vv, None, transport=feed, seq_len=seq_len,
-                             load_balance="zigzag", causal=True, window=None, scale=scale)
-        feed.start_pass()
-        return out
-    return fwd_bwd(attention, (q_l, *feed.shards[rank]), dout_l)
+    attention, inputs = fed_rank_attention(q, k, v, cp, rank, "p2p")
+    return fwd_bwd(attention, inputs, shard_sequence(dout, 2, rank, cp).contiguous())
 
 
 def device_stamp(device: torch.device) -> dict:

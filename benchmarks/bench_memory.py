@@ -62,6 +62,7 @@ def decoder_layer_bytes(seq_len: int, comm, hf_reference: bool = False) -> int:
     from nxd_cp import count_saved_bytes, parallel_state as ps
     from nxd_cp.models import transform
     from nxd_cp.sharding import sequence_positions
+    from nxd_cp.testing import activate_config
 
     torch.manual_seed(0)
     config = tf.LlamaConfig(**LLAMA, torch_dtype=torch.bfloat16)
@@ -71,7 +72,7 @@ def decoder_layer_bytes(seq_len: int, comm, hf_reference: bool = False) -> int:
         model.set_attn_implementation("sdpa")
         cp, cp_rank = 1, 0
     else:
-        model = transform(model, cp_comm_type=comm)
+        model = transform(model, activate_config(comm))
     positions = sequence_positions(seq_len, cp_rank, cp).unsqueeze(0)
     hidden = torch.randn(1, positions.shape[1], LLAMA["hidden_size"], dtype=torch.bfloat16,
                          requires_grad=True)

@@ -41,10 +41,11 @@ def build(sp, dtype):
     import transformers as tf
 
     from nxd_cp.models import transform
+    from nxd_cp.testing import activate_config
 
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**CONFIG)).to(dtype)
-    return transform(model, "p2p", sequence_parallel=sp)
+    return transform(model, activate_config("p2p", sequence_parallel=sp))
 
 
 def batch(seq_len, seed=0):

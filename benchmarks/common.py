@@ -13,14 +13,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from nxd_cp.testing import run_ranks as _run_ranks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -34,11 +34,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 600, threads: int = 1):
-    """``tests/harness.run_ranks``: ``fn(rank, world_size, *args)`` on real gloo ranks."""
-    if TESTS not in sys.path:
-        sys.path.insert(0, TESTS)
-    from harness import run_ranks as _run_ranks
-
+    """``nxd_cp.testing.run_ranks`` with the benchmarks' longer default timeout."""
     return _run_ranks(fn, world_size, *args, timeout=timeout, threads=threads)
 
 

@@ -13,16 +13,21 @@ the packed K/V shards ``[2, B, Hkv, S_local, D]`` of *every* rank of the group:
 
 A K/V shift is told from a dK/dV shift by identity: the blocks this transport returned are
 K/V, and so is the first tensor shifted after ``start_pass()`` (the rank's own packed K/V).
-Call ``start_pass()`` before the forward and before the backward.
+Call ``start_pass()`` before the forward and before the backward (``fed_rank_attention`` does).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import math
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from nxd_cp.attention.all_gather import all_gather_attention
+from nxd_cp.attention.ring import ring_attention
 from nxd_cp.comm.base import GroupSpec, PendingTensor, Transport
 from nxd_cp.sharding import shard_sequence
+
+ALGORITHMS = {"p2p": ring_attention, "all_gather": all_gather_attention}
 
 
 def kv_shards(k: torch.Tensor, v: torch.Tensor, cp_size: int,
@@ -70,3 +75,24 @@ class FeedTransport(Transport):
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
+
+
+def fed_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: int, rank: int,
+                       comm: str = "p2p") -> Tuple[Callable, Tuple[torch.Tensor, ...]]:
+    """CP rank ``rank``'s causal zigzag attention of full-sequence ``q`` ``[B, Hq, S, D]``,
+    ``k``/``v`` ``[B, Hkv, S, D]``, the other ranks' K/V fed locally: returns ``(fn, inputs)``
+    with ``fn(q_l, k_l, v_l) -> out`` ``[B, Hq, S/cp, D]`` (``comm``'s algorithm on a
+    ``FeedTransport``, ``start_pass`` before forward and backward) and ``inputs`` the rank's
+    shards ``(q_l, k_l, v_l)``."""
+    seq_len, scale = q.shape[2], 1.0 / math.sqrt(q.shape[-1])
+    feed = FeedTransport(rank, kv_shards(k, v, cp))
+    algorithm = ALGORITHMS[comm]
+
+    def attention(qq, kk, vv):
+        feed.start_pass()
+        out = algorithm(qq, kk, vv, None, transport=feed, seq_len=seq_len,
+                        load_balance="zigzag", causal=True, window=None, scale=scale)
+        feed.start_pass()  # the backward's first shift is the local K/V again
+        return out
+    q_l = shard_sequence(q, 2, rank, cp).contiguous()
+    return attention, (q_l, *feed.shards[rank])

@@ -113,7 +113,7 @@ class ParallelSelfAttention(nn.Module):
     Hugging Face-style signature on purpose, to show the hooks:
     forward(hidden_states [B, S_local, dim], *, position_ids [B, S_local]) -> (out, None)."""
 
-    def __init__(self, dim, n_heads, n_kv_heads, cp_config):
+    def __init__(self, dim, n_heads, n_kv_heads):
         super().__init__()
         tp = ps.get_tensor_model_parallel_size()
         self.head_dim = hd = dim // n_heads
@@ -125,7 +125,8 @@ class ParallelSelfAttention(nn.Module):
             self.k = ReplicatedKVLinear(dim, n_kv_heads, hd, bias=True)
             self.v = ReplicatedKVLinear(dim, n_kv_heads, hd, bias=True)
         self.proj = RowParallelLinear(n_heads * hd, dim, input_is_parallel=True)
-        self.attention = nxd_cp.ContextParallelAttention(cp_config, causal=True)
+        # comm type and layout: the active config of neuronx_distributed_config, read at each call
+        self.attention = nxd_cp.ContextParallelAttention(causal=True)
 
     def forward(self, hidden_states, *, position_ids):
         b, s, _ = hidden_states.shape
@@ -147,10 +148,10 @@ class ParallelMLP(nn.Module):
         return self.out(F.gelu(self.fc(x)))
 
 
-def register_parallel_modules(cp_config) -> None:
+def register_parallel_modules() -> None:
     nxd_cp.register_module(
         CausalSelfAttention, ParallelSelfAttention,
-        init_hook=lambda m: ((m.dim, m.n_heads, m.n_kv_heads), {"cp_config": cp_config}),
+        init_hook=lambda m: ((m.dim, m.n_heads, m.n_kv_heads), {}),
         forward_hook=lambda x, positions: ((x,), {"position_ids": positions}),
         return_hook=lambda output: output[0])
     nxd_cp.register_module(MLP, ParallelMLP, init_hook=lambda m: ((m.dim, m.hidden), {}))
@@ -211,7 +212,7 @@ def parse_args(argv=None):
 def train(args) -> dict:
     """Train the TP x CP GPT on this rank (parallel state initialised); returns a summary."""
     device = torch.device(args.device)
-    cfg = nxd_cp.neuronx_distributed_config(  # initialises parallel state when needed
+    nxd_cp.neuronx_distributed_config(  # parallel state and the active CP config, once
         tensor_parallel_size=args.tensor_parallel_size,
         context_parallel_size=args.context_parallel_size,
         context_parallel_config={"comm_type": args.cp_comm_type,
@@ -221,7 +222,7 @@ def train(args) -> dict:
     ref = GPT().to(device) if args.check and dist.get_rank() == 0 else None
     if ref is not None:
         ref.load_state_dict(model.state_dict())
-    register_parallel_modules(cfg)
+    register_parallel_modules()
     try:
         nxd_cp.parallelize(model)
     finally:
@@ -231,8 +232,7 @@ def train(args) -> dict:
     losses, ref_losses, grad_err = [], [], None
     for step in range(args.steps):
         full = make_batch(step, args.batch_size, args.seq_len, 256, device)
-        mine = nxd_cp.get_batch_on_this_context_parallel_rank(full,
-                                                             load_balance=args.load_balance)
+        mine = nxd_cp.get_batch_on_this_context_parallel_rank(full)  # the config's layout
         logits = model(mine["input_ids"], mine["position_ids"])  # [B, S_local, V/tp]
         loss = nxd_cp.context_parallel_cross_entropy(logits, mine["labels"],
                                                      vocab_parallel=True)

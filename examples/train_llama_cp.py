@@ -19,7 +19,6 @@ import argparse
 import copy
 import glob
 import json
-import math
 import os
 import sys
 import time
@@ -177,7 +176,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = init_distributed(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    nxd_cp.neuronx_distributed_config(
+    config = nxd_cp.neuronx_distributed_config(  # given once: data, model and loss read it
         tensor_parallel_size=args.tensor_parallel_size,
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
@@ -189,10 +188,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)  # the same full weights on every rank
     model = build_model(args.model_config, args.seq_len)
     reference = copy.deepcopy(model) if args.check and rank == 0 else None
-    model = nxd_cp.transform(model, cp_comm_type=args.cp_comm_type,
-                             load_balance=args.load_balance,
-                             vocab_parallel_logits=args.vocab_parallel_logits,
-                             sequence_parallel=args.sequence_parallel).to(device)
+    model = nxd_cp.transform(model, config,
+                             vocab_parallel_logits=args.vocab_parallel_logits).to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if model.config.tie_word_embeddings:
@@ -222,8 +219,7 @@ def main(argv=None) -> int:
     for step in range(start_step, args.steps + 1):
         full = get_batch(tokens, step, dp_rank, args.batch_size, args.seq_len, args.seed)
         batch = {k: v.to(device) for k, v in
-                 nxd_cp.get_batch_on_this_context_parallel_rank(
-                     full, load_balance=args.load_balance).items()}
+                 nxd_cp.get_batch_on_this_context_parallel_rank(full).items()}
         first = step == start_step
         with nxd_cp.count_bytes() as sent, nxd_cp.count_saved_bytes(model.parameters()) as saved:
             loss = model(**batch).loss

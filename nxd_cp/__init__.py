@@ -3,10 +3,10 @@
 The public API is what this module exports (see docs/api.md)::
 
     import nxd_cp
-    from nxd_cp import parallel_state as ps
-    nxd_cp.neuronx_distributed_config(tensor_parallel_size=2, context_parallel_size=2)
-    model = nxd_cp.transform(hf_model, cp_comm_type="p2p")          # needs transformers
-    batch = nxd_cp.get_batch_on_this_context_parallel_rank(full_batch)
+    cfg = nxd_cp.neuronx_distributed_config(tensor_parallel_size=2, context_parallel_size=2,
+                                            context_parallel_config={"comm_type": "p2p"})
+    model = nxd_cp.transform(hf_model, cfg)          # needs transformers
+    batch = nxd_cp.get_batch_on_this_context_parallel_rank(full_batch)  # the config's layout
     model(**batch).loss.backward()
     nxd_cp.allreduce_context_parallel_gradients(model)
 
@@ -22,7 +22,8 @@ from nxd_cp.attention import context_parallel_attention
 from nxd_cp.checkpoint import (checkpoint_metadata, has_checkpoint, load_checkpoint,
                                save_checkpoint)
 from nxd_cp.comm import count_bytes
-from nxd_cp.config import ContextParallelConfig, neuronx_distributed_config
+from nxd_cp.config import ContextParallelConfig, get_context_parallel_config
+from nxd_cp.nxd_config import neuronx_distributed_config
 from nxd_cp.data import get_batch_on_this_context_parallel_rank
 from nxd_cp.grads import (allreduce_context_parallel_gradients,
                           allreduce_data_context_parallel_gradients)
@@ -45,7 +46,7 @@ def __getattr__(name):
 
 
 __all__ = ["parallel_state", "context_parallel_attention", "count_bytes", "count_saved_bytes",
-           "ContextParallelConfig", "neuronx_distributed_config",
+           "ContextParallelConfig", "get_context_parallel_config", "neuronx_distributed_config",
            "get_batch_on_this_context_parallel_rank", "allreduce_context_parallel_gradients",
            "allreduce_data_context_parallel_gradients", "allreduce_sequence_parallel_gradients",
            "context_parallel_cross_entropy",

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from nxd_cp import parallel_state as ps
+from nxd_cp.config import get_context_parallel_config
 
 METADATA = "metadata.json"
 DONE = "done"
@@ -158,6 +159,7 @@ def save_checkpoint(checkpoint_dir_str: str, tag: str, model=None, optimizer=Non
         meta = {"format": FORMAT, "tag": tag, "layout": _layout(), "step": step,
                 "data_position": data_position,
                 "nxd_cp_config": getattr(model, "nxd_cp_config", None),
+                "context_parallel_config": get_context_parallel_config().to_dict(),
                 "model_config": _model_config(model),
                 "saved": {"model": model is not None, "optimizer": optimizer is not None,
                           "scheduler": scheduler is not None}}

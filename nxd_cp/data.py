@@ -1,7 +1,8 @@
 """This CP rank's part of a batch: labels shifted on the full sequence, then sharded.
 
 Every rank of a CP group receives the same full-sequence batch (the sampler uses the DP rank and
-size) and keeps its tokens in the model's load-balance layout (``nxd_cp.sharding``).
+size) and keeps its tokens in the active config's layout (``nxd_cp.config``; ``nxd_cp.sharding``),
+the layout the model's attention reads too.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from nxd_cp import parallel_state as ps
-from nxd_cp.sharding import check_sequence_length, shard_sequence
+from nxd_cp.config import get_context_parallel_config
+from nxd_cp.sharding import shard_sequence
 
 SEQ_DIM = 1
 
@@ -22,6 +24,13 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     """
     pad = torch.full_like(labels[:, :1], ignore_index)
     return torch.cat([labels[:, 1:], pad], dim=SEQ_DIM)
+
+
+def check_padding_mask(mask: Any) -> None:
+    """``ValueError`` unless ``mask`` is None or a 2-D ``[batch, seq]`` padding mask."""
+    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+        raise ValueError(f"attention_mask must be 2-D [batch, seq] (1 = real token) under "
+                         f"context parallelism, got shape {tuple(mask.shape)}")
 
 
 SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids")
@@ -54,7 +63,6 @@ def _sequence_length(batch: Mapping[str, Any]) -> int:
 
 
 def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
-                                            load_balance: str = "zigzag",
                                             ignore_index: int = -100,
                                             cp_rank: Optional[int] = None,
                                             cp_size: Optional[int] = None) -> Dict[str, Any]:
@@ -67,9 +75,9 @@ def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
        the targets of the returned tokens, ready for ``context_parallel_cross_entropy`` and for
        a model from ``nxd_cp.transform``, which does not shift again.
     2. ``position_ids`` are added as the global positions ``arange(S)`` ``[B, S]`` if absent.
-    3. Every tensor whose dim 1 has the sequence length S is sharded to ``[B, S/cp, ...]`` with
-       ``load_balance`` (the model's: ``transform(..., load_balance=)``); other entries are
-       returned unchanged.
+    3. Every tensor whose dim 1 has the sequence length S is sharded to ``[B, S/cp, ...]`` in
+       the active config's ``load_balance`` layout (``nxd_cp.get_context_parallel_config()``,
+       the one the model's attention reads); other entries are returned unchanged.
 
     Unlike NxD's function of the same name, labels are shifted at cp == 1 too (the transformed
     model never shifts), and the layout is zigzag by default (NxD: contiguous).
@@ -81,12 +89,9 @@ def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
         cp_size = ps.get_context_model_parallel_size()
     if cp_rank is None:
         cp_rank = ps.get_context_model_parallel_rank()
-    mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
-        raise ValueError(f"attention_mask must be 2-D [batch, seq] (1 = real token) under "
-                         f"context parallelism, got shape {tuple(mask.shape)}")
-    seq_len = _sequence_length(batch)
-    check_sequence_length(seq_len, cp_size, load_balance)
+    load_balance = get_context_parallel_config().load_balance
+    check_padding_mask(batch.get("attention_mask"))
+    seq_len = _sequence_length(batch)  # shard_sequence checks that it splits into the chunks
 
     full = dict(batch)
     if isinstance(full.get("labels"), torch.Tensor):

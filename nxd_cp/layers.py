@@ -68,15 +68,17 @@ def _default_linear_init(w: torch.Tensor) -> None:
 
 
 def _init_shard(param: nn.Parameter, full_shape, dim: int, rank: int, tp: int,
-                init_method: Callable) -> None:
+                init_method: Callable) -> Optional[torch.Tensor]:
     """Initialise the full (master) weight with ``init_method`` and keep chunk ``rank`` of it, so
-    the model does not depend on tp (NxD's CPU initialisation does the same)."""
+    the model does not depend on tp (NxD's CPU initialisation does the same). Returns the
+    master weight (None on the meta device): NxD's ``keep_master_weight`` keeps it."""
     if param.device.type == "meta":
-        return
+        return None
     master = torch.empty(full_shape, dtype=param.dtype)
     init_method(master)
     with torch.no_grad():
         param.copy_(master.chunk(tp, dim=dim)[rank])
+    return master
 
 
 class _TPLayer(nn.Module):
@@ -123,8 +125,9 @@ class FallbackColumnParallelLinear(_TPLayer):
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size,
                                                dtype=dtype, device=device))
         _mark_parallel(self.weight, 0, tp)
-        _init_shard(self.weight, (output_size, input_size), 0, rank, tp,
-                    init_method or _default_linear_init)
+        master = _init_shard(self.weight, (output_size, input_size), 0, rank, tp,
+                             init_method or _default_linear_init)
+        self.master_weight = master if keep_master_weight else None  # NxD's attribute
         if bias:
             n = output_size if gather_output else self.output_size_per_partition
             self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
@@ -186,8 +189,9 @@ class FallbackRowParallelLinear(_TPLayer):
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition,
                                                dtype=dtype, device=device))
         _mark_parallel(self.weight, 1, tp)
-        _init_shard(self.weight, (output_size, input_size), 1, rank, tp,
-                    init_method or _default_linear_init)
+        master = _init_shard(self.weight, (output_size, input_size), 1, rank, tp,
+                             init_method or _default_linear_init)
+        self.master_weight = master if keep_master_weight else None  # NxD's attribute
         if bias:
             self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device))
             self.bias.sequence_parallel_enabled = sequence_parallel_enabled  # as NxD marks it

@@ -1,28 +1,26 @@
 """Parallel state with NxD's names: TP, CP, DP, DP x CP and PP groups of this rank.
 
-THE one place that decides whether NeuronX Distributed (NxD) is in charge (``nxd_in_charge``),
-read lazily at every call, never at import time. NxD is in charge when its ``parallel_state``
-(with context parallelism) is importable, ``NXD_CP_DISABLE_NXD`` is not ``1``, and NxD can
-build groups here: the torch.distributed backend is ``xla`` (Trainium), or ``NXD_CPU_MODE=1``
-(NxD's CPU mode: gloo groups; without it NxD's ``initialize_model_parallel`` deadlocks off
-device). With NxD importable on any other backend (gloo / NCCL without ``NXD_CPU_MODE``), nxd_cp
-logs once why and uses its own groups.
+THE one place that decides whether NeuronX Distributed (NxD) is in charge (``nxd_in_charge``,
+asked at every call, never at import time): NxD's ``parallel_state`` (with CP) is importable,
+``NXD_CP_DISABLE_NXD`` is not ``1``, and NxD can build groups here (backend ``xla``, or
+``NXD_CPU_MODE=1``: gloo groups; without it NxD deadlocks off device). Otherwise (NxD absent, or
+gloo / NCCL without ``NXD_CPU_MODE``: logged once) nxd_cp builds its own groups with
+``new_group`` from ``nxd_cp.layout`` (NxD's layout).
 
-NxD in charge: every getter reads NxD's live state (nothing copied at init; a re-initialisation
-by NxD's own ``neuronx_distributed_config`` is seen); DP x CP is NxD's expert-data-parallel group
-(where NxD's optimizer reduces gradients), checked to be the union of each CP group's DP groups.
-Otherwise groups are built here with ``new_group`` from ``nxd_cp.layout`` (NxD's layout). Every
+NxD in charge: every getter reads NxD's live state (nothing copied; a re-initialisation by NxD's
+own ``neuronx_distributed_config`` is seen); DP x CP is NxD's expert-data-parallel group (where
+NxD's optimizer reduces gradients), checked to be the union of each CP group's DP groups. Every
 group is also a ``GroupSpec`` (members, index, XLA replica groups), what the CP algorithms take;
 ``explicit_rank`` gives one rank of a world that does not run (XLA lowering). Groups inherit the
-world group's timeout (or ``initialize_model_parallel(timeout=...)``) on both paths. This module
-holds the only mutable module state of nxd_cp.
+world group's timeout (or ``initialize_model_parallel(timeout=...)``). The active training
+config (read through ``nxd_cp.config``) is kept here too: this module holds the only mutable
+module state of nxd_cp.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import functools
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -31,9 +29,9 @@ import torch.distributed as dist
 
 from nxd_cp.comm.base import GroupSpec
 from nxd_cp.layout import ParallelLayout, rank_ring_pairs, ring_pairs, union_groups
-from nxd_cp.process_groups import new_group_timeout, platform_target, world_timeout
+from nxd_cp.process_groups import (log_once, new_group_timeout, nxd_cpu_mode, platform_target,
+                                   world_timeout)
 
-logger = logging.getLogger(__name__)
 _KINDS = ("tensor", "context", "data", "data_context", "pipeline")
 
 
@@ -48,7 +46,7 @@ class _State:
 
 _STATE: Optional[_State] = None  # nxd_cp's own groups or explicit_rank; None when NxD rules
 _NXD_SPECS: Dict[str, Tuple[Any, Any, GroupSpec]] = {}  # kind -> (NxD group, NxD mesh, spec)
-_LOGGED: set = set()
+_CONFIG: Any = None  # the NeuronxDistributedConfig of the last neuronx_distributed_config call
 
 
 # --- the decision ---------------------------------------------------------------------------
@@ -63,31 +61,18 @@ def _import_nxd():
     return nps if hasattr(nps, "get_context_model_parallel_group") else None
 
 
-def _log_once(msg: str) -> None:
-    if msg not in _LOGGED:
-        _LOGGED.add(msg)
-        logger.warning(msg)
-
-
-def _nxd_cpu_mode() -> bool:
-    try:
-        return int(os.environ.get("NXD_CPU_MODE", "0")) > 0  # NxD's own rule
-    except ValueError:
-        return False
-
-
 def _usable_nxd():
     """NxD's parallel_state if NxD can be in charge in this process, else None."""
     if os.environ.get("NXD_CP_DISABLE_NXD") == "1":
         return None
     nps = _import_nxd()
-    if nps is None or _nxd_cpu_mode():
+    if nps is None or nxd_cpu_mode():
         return nps
     if dist.is_available() and dist.is_initialized():
         backend = dist.get_backend()
         if backend == "xla":
             return nps
-        _log_once(f"nxd_cp: NeuronX Distributed is importable but the torch.distributed backend "
+        log_once(f"nxd_cp: NeuronX Distributed is importable but the torch.distributed backend "
                   f"is {backend!r} and NXD_CPU_MODE is not 1: NxD cannot build groups here "
                   "(it would deadlock), so nxd_cp uses its own groups and layers. Set "
                   "NXD_CPU_MODE=1 to run NxD's code on CPU (gloo).")
@@ -180,18 +165,18 @@ def explicit_rank(world_size: int, rank: int, tensor_model_parallel_size: int = 
                   context_parallel_size: int = 1, pipeline_model_parallel_size: int = 1):
     """Parallel state of one global rank of a world that does not run: every group as a
     GroupSpec with process_group=None (for lowering XLA graphs per rank in one process,
-    without torch.distributed). Restores the previous state on exit."""
-    global _STATE
+    without torch.distributed). Restores the previous state (and active config) on exit."""
+    global _STATE, _CONFIG
     layout = _layout(world_size, tensor_model_parallel_size, context_parallel_size,
                      pipeline_model_parallel_size, 1)
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank!r} must be an integer in [0, world_size={world_size})")
     specs = {k: GroupSpec.explicit(g, rank, None) for k, g in layout.groups().items()}
-    previous, _STATE = _STATE, _State(layout, specs, "explicit", rank)
+    previous, _STATE = (_STATE, _CONFIG), _State(layout, specs, "explicit", rank)
     try:
         yield
     finally:
-        _STATE = previous
+        _STATE, _CONFIG = previous
 
 
 def model_parallel_is_initialized() -> bool:  # NxD's name
@@ -199,9 +184,11 @@ def model_parallel_is_initialized() -> bool:  # NxD's name
 
 
 def destroy_model_parallel() -> None:
-    """Forget the groups (destroying those nxd_cp created; NxD's through NxD). Safe when unset."""
-    global _STATE
+    """Forget the groups (destroying those nxd_cp created; NxD's through NxD) and the active
+    config. Safe when unset."""
+    global _STATE, _CONFIG
     _NXD_SPECS.clear()
+    _CONFIG = None
     if _STATE is None:
         nps = _nxd_live()
         if nps is not None:
@@ -211,6 +198,18 @@ def destroy_model_parallel() -> None:
         for pg in _STATE.owned_groups:
             dist.destroy_process_group(pg)
     _STATE = None
+
+
+def set_training_config(config) -> None:
+    """Make ``config`` (a validated ``nxd_config.NeuronxDistributedConfig``) the active one, as
+    ``neuronx_distributed_config`` does; read through ``nxd_cp.config``."""
+    global _CONFIG
+    _CONFIG = config
+
+
+def get_training_config():
+    """The active ``NeuronxDistributedConfig``, or None when none was set."""
+    return _CONFIG
 
 
 # --- GroupSpecs -----------------------------------------------------------------------------

@@ -1,14 +1,34 @@
 """Process-group helpers of ``parallel_state``: the world group's timeout, a default timeout for
-groups that other code (NxD) creates, and NxD's platform target.
+groups that other code (NxD) creates, NxD's CPU mode and its platform target.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import functools
+import logging
+import os
 from typing import Optional
 
 import torch.distributed as dist
+
+
+_LOGGED: set = set()
+
+
+def log_once(msg: str) -> None:
+    """Log a warning the first time this exact message comes up in the process."""
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        logging.getLogger("nxd_cp.parallel_state").warning(msg)
+
+
+def nxd_cpu_mode() -> bool:
+    """NxD's CPU mode (``NXD_CPU_MODE`` > 0, NxD's own rule): NxD builds gloo groups."""
+    try:
+        return int(os.environ.get("NXD_CPU_MODE", "0")) > 0
+    except ValueError:
+        return False
 
 
 def platform_target() -> Optional[str]:

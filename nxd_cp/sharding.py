@@ -14,12 +14,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-LOAD_BALANCE = ("zigzag", "contiguous")
+from nxd_cp.config import LOAD_BALANCES
 
 
 def check_load_balance(load_balance: str) -> None:
-    if load_balance not in LOAD_BALANCE:
-        raise ValueError(f"load_balance={load_balance!r} must be one of {LOAD_BALANCE}")
+    if load_balance not in LOAD_BALANCES:
+        raise ValueError(f"load_balance={load_balance!r} must be one of {LOAD_BALANCES}")
 
 
 def num_chunks(cp_size: int, load_balance: str) -> int:
@@ -28,13 +28,14 @@ def num_chunks(cp_size: int, load_balance: str) -> int:
     return 2 * cp_size if load_balance == "zigzag" else cp_size
 
 
-def check_sequence_length(seq_len: int, cp_size: int, load_balance: str) -> None:
-    """``ValueError`` unless ``seq_len`` splits into the layout's equal chunks."""
+def check_sequence_length(seq_len: int, cp_size: int, load_balance: str,
+                          what: str = "sequence length") -> None:
+    """``ValueError`` unless ``seq_len`` splits into the layout's equal chunks; the message
+    starts with ``what``."""
     n = num_chunks(cp_size, load_balance)
     if seq_len % n:
         rule = "2*context_parallel_size" if load_balance == "zigzag" else "context_parallel_size"
-        raise ValueError(f"sequence length {seq_len} is not divisible by {rule}={n} "
-                         f"({load_balance})")
+        raise ValueError(f"{what} {seq_len} is not divisible by {rule}={n} ({load_balance})")
 
 
 def rank_chunks(cp_rank: int, cp_size: int, load_balance: str = "zigzag") -> List[int]:

@@ -8,7 +8,7 @@ repeating it does not run the check again (cached: no store traffic in the stead
 import pytest
 import torch
 
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 
 S_LOCAL = 8
 
@@ -23,6 +23,7 @@ def agreement_world(rank, world):
 
     import transformers as tf
 
+    import nxd_cp
     from nxd_cp import agreement
     from nxd_cp import parallel_state as ps
     from nxd_cp.agreement import check_group_agreement
@@ -56,8 +57,11 @@ def agreement_world(rank, world):
                   num_attention_heads=4)
     attempt("transform_config", lambda: transform(tf.LlamaForCausalLM(tf.LlamaConfig(
         max_position_embeddings=(64, 128)[rank], **config))))
+    # ranks whose neuronx_distributed_config calls disagree on the layout
+    nxd_cp.neuronx_distributed_config(context_parallel_size=2, context_parallel_config={
+        "load_balance": ("zigzag", "contiguous")[rank]})
     attempt("transform_layout", lambda: transform(tf.LlamaForCausalLM(tf.LlamaConfig(
-        **config)), load_balance=("zigzag", "contiguous")[rank]))
+        **config))))
     # A rank that never reaches the check: the other raises after the timeout, naming it.
     if rank == 1:
         attempt("absent", lambda: check_group_agreement(

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 from nxd_cp import parallel_state as ps
 from nxd_cp.attention import context_parallel_attention, register_kernel
 from nxd_cp.attention.kernels import TorchBlockKernel
@@ -57,10 +57,13 @@ def bf16_cases():
 
 def padding_cases():
     """Left padding plus a window small enough that whole query rows see no key."""
+    # The last one passes the CP group as a torch.distributed ProcessGroup (group=...).
     return [dict(comm=c, causal=True, window=4, layout="zigzag", heads=(8, 2), d=64, s=128,
-                 kernel=k, dtype=torch.float32, padding=True, rank_as_tensor=t)
-            for c, k, t in (("p2p", "default", True), ("all_gather", "torch-small-tiles", True),
-                            ("p2p", "default", False))] + \
+                 kernel=k, dtype=torch.float32, padding=True, rank_as_tensor=t,
+                 process_group=pg)
+            for c, k, t, pg in (("p2p", "default", True, False),
+                                ("all_gather", "torch-small-tiles", True, False),
+                                ("p2p", "default", False, True))] + \
         [dict(comm=c, causal=causal, window=None, layout="zigzag", heads=(4, 2), d=64, s=128,
               kernel="default", dtype=torch.float32, padding=True, rank_as_tensor=causal)
          for c, causal in (("p2p", True), ("all_gather", False))]
@@ -124,7 +127,8 @@ def _run_case(case, rank_in_cp, cp, tp_rank, inputs):
         out = context_parallel_attention(
             ql, kl, vl, causal=case["causal"], comm_type=case["comm"],
             window_size=case["window"], load_balance=layout,
-            key_padding_mask=shard(keep, 1) if case["padding"] else None)
+            key_padding_mask=shard(keep, 1) if case["padding"] else None,
+            group=ps.get_context_model_parallel_group() if case.get("process_group") else None)
         out.backward(shard(dout).to(dtype))
     finally:
         os.environ[RANK_AS_TENSOR_ENV] = "0"
@@ -178,7 +182,8 @@ def _describe(case):
     return (f"{case['comm']} causal={case['causal']} window={case['window']} {case['layout']} "
             f"heads={case['heads']} d={case['d']} s={case['s']} kernel={case['kernel']} "
             f"{case['dtype']} padding={case['padding']} "
-            f"rank_as_tensor={case.get('rank_as_tensor', False)}")
+            f"rank_as_tensor={case.get('rank_as_tensor', False)} "
+            f"process_group={case.get('process_group', False)}")
 
 
 def _check(all_results, cases):

@@ -8,7 +8,6 @@ output and dQ equal full-sequence SDPA), and ``report.py`` turns the results int
 markdown report and the plot.
 """
 import json
-import math
 import os
 import subprocess
 import sys
@@ -142,9 +141,7 @@ def test_every_script_has_help():
 def test_feed_transport_hands_a_rank_the_right_blocks():
     """Ring attention driven by FeedTransport gives the rank's shard of full SDPA (out, dQ)."""
     sys.path.insert(0, BENCH)
-    from feed import FeedTransport, kv_shards
-    from nxd_cp.attention.all_gather import all_gather_attention
-    from nxd_cp.attention.ring import ring_attention
+    from feed import fed_rank_attention
     from nxd_cp.sharding import shard_sequence
 
     torch.manual_seed(0)
@@ -153,16 +150,11 @@ def test_feed_transport_hands_a_rank_the_right_blocks():
     qr = q.clone().requires_grad_()
     ref = F.scaled_dot_product_attention(qr, k, v, is_causal=True, enable_gqa=True)
     ref.backward(dout)
-    shards = kv_shards(k, v, cp)
-    for algorithm in (ring_attention, all_gather_attention):
+    for comm in ("p2p", "all_gather"):
         for rank in range(cp):
-            feed = FeedTransport(rank, shards)
-            q_l = shard_sequence(q, 2, rank, cp).requires_grad_()
-            feed.start_pass()
-            out = algorithm(q_l, shards[rank][0], shards[rank][1], None, transport=feed,
-                            seq_len=s, load_balance="zigzag", causal=True, window=None,
-                            scale=1 / math.sqrt(d))
-            feed.start_pass()
+            attention, (q_l, k_l, v_l) = fed_rank_attention(q, k, v, cp, rank, comm)
+            q_l.requires_grad_()
+            out = attention(q_l, k_l, v_l)
             out.backward(shard_sequence(dout, 2, rank, cp))
             # float64 inputs, fp32 merges inside: 1e-5 covers fp32 rounding of O(1) values.
             torch.testing.assert_close(out, shard_sequence(ref, 2, rank, cp).detach(),

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 
 N, K, SEQ = 6, 3, 64
 CONFIGS = {"tp2cp2": (2, 2, "p2p"), "cp2dp2": (1, 2, "all_gather")}
@@ -40,8 +40,9 @@ def batch(step, dp_rank):
 
 def build(comm):
     from nxd_cp.models import transform
+    from test_models import configure
 
-    model = transform(make_model(), comm)
+    model = transform(make_model(), configure(comm))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2) * 0.8 ** s)
     return model, opt, sched
@@ -178,7 +179,7 @@ def test_resume_is_bit_identical(runs, name):
     layout = got["meta"]["layout"]
     assert (layout["tp"], layout["cp"], layout["dp"], got["meta"]["step"]) == \
         (CONFIGS[name][0], CONFIGS[name][1], 4 // (CONFIGS[name][0] * CONFIGS[name][1]), K)
-    assert got["meta"]["nxd_cp_config"]["cp_comm_type"] == CONFIGS[name][2]
+    assert got["meta"]["context_parallel_config"]["comm_type"] == CONFIGS[name][2]
 
 
 def test_num_kept_ckpts(runs):

@@ -5,10 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 from nxd_cp import parallel_state as ps
-from nxd_cp.config import (NXD_CONFIG_KEYS, build_config, ContextParallelConfig, NeuronxDistributedConfig,
-                           get_context_parallel_config, neuronx_distributed_config)
+from nxd_cp.config import (ContextParallelConfig, context_parallel_config_of,
+                           get_context_parallel_config)
+from nxd_cp.nxd_config import (NXD_CONFIG_KEYS, NeuronxDistributedConfig, build_config,
+                               neuronx_distributed_config)
 
 # NxD's neuronx_distributed_config returns exactly these keys (trainer/trainer.py).
 NXD_KEYS = {"tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size",
@@ -43,8 +45,6 @@ def test_defaults_give_nxd_dict_plus_cp():
 def test_signature_is_nxds_plus_context_parallel_config():
     import inspect
 
-    from nxd_cp.config import build_config
-
     # NxD's trainer.neuronx_distributed_config, in order, with its defaults.
     nxd = [("tensor_parallel_size", 1), ("pipeline_parallel_size", 1),
            ("expert_parallel_size", 1), ("context_parallel_size", 1), ("pipeline_config", None),
@@ -75,19 +75,26 @@ def test_good_config_round_trip():
     cfg2 = neuronx_distributed_config(model_init_config={"param_init_fn": init_fn})
     assert cfg2["model_init_config"]["param_init_fn"] is init_fn
     assert user_optim == {"max_grad_norm": 0.5}  # the caller's dict is not updated
-    cp = get_context_parallel_config(cfg)
+    cp = context_parallel_config_of(cfg)
     assert cp == ContextParallelConfig(comm_type="all_gather", load_balance="contiguous")
-    assert get_context_parallel_config({}) == ContextParallelConfig()  # NxD's own dict
+    assert context_parallel_config_of({"context_parallel_size": 1}) == ContextParallelConfig()
+    assert context_parallel_config_of({"comm_type": "all_gather"}).comm_type == "all_gather"
+    assert get_context_parallel_config() == ContextParallelConfig()  # nothing active here
+    with pytest.raises(ValueError, match=r"config='p2p' is invalid: it must be None, a "
+                       "ContextParallelConfig"):
+        context_parallel_config_of("p2p")
 
 
 def test_every_field_has_a_docstring():
     import ast
     import inspect
 
-    import nxd_cp.config as mod
+    import nxd_cp.config
+    import nxd_cp.nxd_config
 
-    tree = ast.parse(inspect.getsource(mod))
-    for cls in (ContextParallelConfig, NeuronxDistributedConfig):
+    for cls, mod in ((ContextParallelConfig, nxd_cp.config),
+                     (NeuronxDistributedConfig, nxd_cp.nxd_config)):
+        tree = ast.parse(inspect.getsource(mod))
         node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
         documented = set()
         for a, b in zip(node.body, node.body[1:]):
@@ -155,7 +162,7 @@ def test_bad_config_raises_with_key_value_and_rule(kwargs, exc, match):
 
 def test_zero1_config_is_valid_where_nxd_would_run_it():
     """ZeRO-1 and its mixed-precision defaults are valid; only the fallback refuses them."""
-    from nxd_cp.config import _check_supported, build_config
+    from nxd_cp.nxd_config import _check_supported
 
     cfg = build_config(optimizer_config={"zero_one_enabled": True})
     assert cfg.mixed_precision_config.use_master_weights  # NxD's default follows ZeRO-1
@@ -187,13 +194,49 @@ def _config_on_ranks(rank, world):
     out["sizes"] = (ps.get_tensor_model_parallel_size(), ps.get_context_model_parallel_size(),
                     ps.get_data_parallel_size())
     out["cp_rank"] = ps.get_context_model_parallel_rank()
+    out["active_after_first"] = get_context_parallel_config().comm_type
+    out.update(_one_config_everywhere(cfg))
     group = ps.get_context_model_parallel_group()
     out["again"] = _outcome(neuronx_distributed_config, tensor_parallel_size=2,
                             context_parallel_size=2)[0]
+    out["active_after_again"] = get_context_parallel_config().comm_type  # replaced: defaults
     out["same_group_after_again"] = ps.get_context_model_parallel_group() is group
     out["conflict"] = _outcome(neuronx_distributed_config, tensor_parallel_size=4,
                                context_parallel_size=1)
     out["cp_size_after_conflict"] = ps.get_context_model_parallel_size()
+    ps.destroy_model_parallel()
+    out["active_after_destroy"] = ps.get_training_config() is None
+    return out
+
+
+def _one_config_everywhere(cfg):
+    """The config given once reaches data and model; a mismatch is an error, never silent."""
+    import transformers as tf
+
+    import nxd_cp
+    from nxd_cp.nn import ContextParallelAttention
+
+    out = {}
+    ids = torch.arange(16).reshape(1, 16)
+    # the data follows the active layout (zigzag, cp=2: chunks r and 3-r of four)
+    out["positions"] = nxd_cp.get_batch_on_this_context_parallel_rank(
+        {"input_ids": ids})["position_ids"][0].tolist()
+    llama = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    model = nxd_cp.transform(tf.LlamaForCausalLM(llama), cfg)  # the active config: accepted
+    other = dict(cfg, context_parallel_config={"comm_type": "p2p", "load_balance": "zigzag"})
+    out["transform_other"] = _outcome(nxd_cp.transform, model=tf.LlamaForCausalLM(llama),
+                                      config=other)
+    out["transform_string"] = _outcome(nxd_cp.transform, model=tf.LlamaForCausalLM(llama),
+                                       config="p2p")
+    attn = ContextParallelAttention(cfg)
+    q = torch.randn(1, 2, 8, 4)
+    out["attention_active"] = _outcome(lambda: tuple(attn(q, q, q).shape))
+    batch = nxd_cp.get_batch_on_this_context_parallel_rank({"input_ids": ids % 64})
+    neuronx_distributed_config(tensor_parallel_size=2, context_parallel_size=2,
+                               sequence_parallel=True)  # a new active config
+    out["model_after_reconfig"] = _outcome(lambda: model(**batch))
+    out["attention_after_reconfig"] = _outcome(lambda: attn(q, q, q))
     return out
 
 
@@ -212,7 +255,22 @@ def test_config_initialises_parallel_state_on_four_ranks():
         assert got["tp_groups"] == [[0, 1], [2, 3]]
         assert got["sizes"] == (2, 2, 1)
         assert got["cp_rank"] == rank // 2
+        assert got["active_after_first"] == "all_gather"
+        assert got["positions"] == ([0, 1, 2, 3, 12, 13, 14, 15] if rank < 2 else
+                                    [4, 5, 6, 7, 8, 9, 10, 11]), got["positions"]
+        status, msg = got["transform_other"]
+        assert status == "ValueError" and "config['context_parallel_config']=" in msg, msg
+        assert "comm_type='p2p'" in msg and "differs from the active config's" in msg, msg
+        status, msg = got["transform_string"]
+        assert status == "ValueError" and "config='p2p' is invalid" in msg, msg
+        assert got["attention_active"] == ("ok", (1, 2, 8, 4)), got["attention_active"]
+        status, msg = got["model_after_reconfig"]
+        assert status == "RuntimeError" and "sequence_parallel=False" in msg, msg
+        status, msg = got["attention_after_reconfig"]
+        assert status == "RuntimeError" and "comm_type='all_gather'" in msg, msg
+        assert "the active config is ContextParallelConfig(comm_type='p2p'" in msg, msg
         assert got["again"] == "ok" and got["same_group_after_again"]
+        assert got["active_after_again"] == "p2p" and got["active_after_destroy"]
         status, msg = got["conflict"]
         assert status == "RuntimeError", msg
         assert "already initialized with tensor_parallel_size=2, context_parallel_size=2" in msg

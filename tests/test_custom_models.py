@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import test_models as tm
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN = ("qwen2", "qwen3")
@@ -128,9 +128,10 @@ def attention_errors():
             def mine(x, dim=2):
                 return shard_sequence(x, dim, rank, cp, layout)
             local = [mine(t).float().requires_grad_() for t in (q, k, v)]
-            # the config as a user has it: the context_parallel_config of the NxD config dict
-            attn = ContextParallelAttention(
-                {"context_parallel_config": {"comm_type": comm, "load_balance": layout}}, **kw)
+            # the active config, set as a user does; the module gets it explicitly (padded
+            # cases: the dict of neuronx_distributed_config) or reads it (config=None)
+            cfg = tm.configure(comm, layout)
+            attn = ContextParallelAttention(cfg, **kw) if padded else ContextParallelAttention(**kw)
             # 0/1 integer mask, as Hugging Face batches carry it
             got = attn(*local, key_padding_mask=mine(keep, 1).long() if padded else None)
             got.backward(mine(dout).float())

@@ -18,8 +18,8 @@ API_MD = os.path.join(ROOT, "docs", "api.md")
 # Modules whose public names must be documented: ``__all__`` where the module defines one,
 # else every public callable defined in the module itself (not imported into it).
 MODULES = ("nxd_cp", "nxd_cp.parallel_state", "nxd_cp.sharding", "nxd_cp.attention",
-           "nxd_cp.comm", "nxd_cp.models", "nxd_cp.nn", "nxd_cp.config", "nxd_cp.data",
-           "nxd_cp.loss", "nxd_cp.grads", "nxd_cp.checkpoint")
+           "nxd_cp.comm", "nxd_cp.models", "nxd_cp.nn", "nxd_cp.config", "nxd_cp.nxd_config",
+           "nxd_cp.data", "nxd_cp.loss", "nxd_cp.grads", "nxd_cp.checkpoint", "nxd_cp.testing")
 
 
 def public_names(module_name: str) -> list[str]:
@@ -95,7 +95,7 @@ def test_relative_links_resolve(path):
 
 
 def test_api_md_lists_real_signatures():
-    """The signatures quoted in headings of docs/api.md match the code's defaults."""
+    """The signatures quoted in headings of docs/api.md match the code's (defaults, ``*``)."""
     import nxd_cp
 
     text = open(API_MD, encoding="utf-8").read()
@@ -103,9 +103,13 @@ def test_api_md_lists_real_signatures():
                  nxd_cp.get_batch_on_this_context_parallel_rank, nxd_cp.transform,
                  nxd_cp.context_parallel_cross_entropy, nxd_cp.shard_sequence,
                  nxd_cp.unshard_sequence, nxd_cp.sequence_positions):
-        params = inspect.signature(func).parameters.values()
-        shown = ", ".join(p.name if p.default is inspect.Parameter.empty
-                          else f"{p.name}={p.default!r}".replace("'", '"') for p in params)
+        parts = []
+        for p in inspect.signature(func).parameters.values():
+            if p.kind is p.KEYWORD_ONLY and "*" not in parts:
+                parts.append("*")  # keyword-only parameters follow a bare "*"
+            parts.append(p.name if p.default is p.empty
+                         else f"{p.name}={p.default!r}".replace("'", '"'))
+        shown = ", ".join(parts)
         assert f"`{func.__name__}({shown})" in text, (
             f"docs/api.md has no heading with the signature {func.__name__}({shown})")
 

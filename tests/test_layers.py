@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 
 IN, OUT, VOCAB, HID = 16, 8, 12, 6
 
@@ -55,6 +55,15 @@ def _column(fails):
         for name, (got, want) in checks.items():
             if not _close(got.detach(), want.detach()):
                 fails.append(f"column gather_output={gather} {name}")
+    # NxD's keep_master_weight: the full weight the shard was cut from, kept on the layer
+    torch.manual_seed(3)
+    kept = ColumnParallelLinear(IN, OUT, gather_output=False, init_method=torch.nn.init.normal_,
+                                keep_master_weight=True)
+    if kept.master_weight is None or not torch.equal(kept.master_weight, w.detach()) or \
+            not torch.equal(kept.weight.detach(), w.detach().chunk(tp, 0)[r]):
+        fails.append("column keep_master_weight=True does not keep the full weight")
+    if layer.master_weight is not None:
+        fails.append("column keep_master_weight=False keeps a master weight")
 
 
 def _row(fails):
@@ -82,6 +91,14 @@ def _row(fails):
         for name, (got, want) in checks.items():
             if not _close(got.detach(), want.detach()):
                 fails.append(f"row input_is_parallel={parallel_in} {name}")
+    torch.manual_seed(5)
+    kept = RowParallelLinear(IN, OUT, input_is_parallel=True, init_method=torch.nn.init.normal_,
+                             keep_master_weight=True)
+    torch.manual_seed(5)
+    full = torch.nn.init.normal_(torch.empty(OUT, IN))
+    if kept.master_weight is None or not torch.equal(kept.master_weight, full) or \
+            not torch.equal(kept.weight.detach(), full.chunk(tp, 1)[r]):
+        fails.append("row keep_master_weight=True does not keep the full weight")
 
 
 def _embedding(fails):

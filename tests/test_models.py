@@ -13,14 +13,12 @@ Tiny models: hidden 64, 2 layers, 4 heads, vocab 256, sequence 256, batch 2.
 - Mistral: 1 KV head (replicated at TP2 and TP4), sliding_window 48 < sequence, tied embeddings.
 - GPT-NeoX: rotary_pct 0.25, parallel residual, attention bias.
 """
-import copy
-import os
 import tempfile
 
 import pytest
 import torch
 
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 
 SEQ, BATCH, STEPS, LR = 256, 2, 3, 1e-3
 ARCHS = ("llama", "mistral", "gpt_neox")
@@ -84,6 +82,13 @@ def make_batch(seed, padded=False):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def configure(comm="p2p", layout="zigzag", sp=False):
+    """The active config for the current sizes (``nxd_cp.testing.activate_config``)."""
+    from nxd_cp.testing import activate_config
+
+    return activate_config(comm, layout, sp)
+
+
 def rel(a, b):
     """Norm-wise relative error ||a - b|| / ||b|| (0 when both are 0)."""
     a, b = a.double(), b.double()
@@ -106,12 +111,12 @@ def run_case(arch, comm, padded=False, ckpt=False, vocab_parallel=False, meta=Fa
 
     rank0 = dist.get_rank() == 0
     dp, dp_rank = ps.get_data_parallel_size(), ps.get_data_parallel_rank()
+    config = configure(comm, sp=sp)
     if meta:
-        model = transform(make_model(arch, meta=True), comm,
-                          state_dict=make_model(arch).state_dict(), sequence_parallel=sp)
+        model = transform(make_model(arch, meta=True), config,
+                          state_dict=make_model(arch).state_dict())
     else:
-        model = transform(make_model(arch), comm, vocab_parallel_logits=vocab_parallel,
-                          sequence_parallel=sp)
+        model = transform(make_model(arch), config, vocab_parallel_logits=vocab_parallel)
     ref = make_model(arch) if rank0 else None
     if ckpt:
         model.gradient_checkpointing_enable()
@@ -156,7 +161,7 @@ def round_trip(arch):
     import torch.distributed as dist
     from nxd_cp.models import full_state_dict, transform
 
-    model = transform(make_model(arch), "p2p")
+    model = transform(make_model(arch), configure("p2p"))
     for p in model.parameters():  # as after .to("xla"): new Parameters without NxD attributes
         p.__dict__.clear()
     sd = full_state_dict(model)
@@ -198,7 +203,7 @@ def bad_inputs():
         "sequence": message(lambda: get_batch_on_this_context_parallel_rank(
             {k: v[:, :250] for k, v in make_batch(1).items()})),
     }
-    model = transform(make_model("llama"), "p2p")
+    model = transform(make_model("llama"), configure("p2p"))
     batch = get_batch_on_this_context_parallel_rank(make_batch(1))
     odd = {k: v[:, :63] for k, v in batch.items()}
     out["local_sequence"] = message(lambda: model(**odd))

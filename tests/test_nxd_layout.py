@@ -9,7 +9,7 @@ NxD raises (sizes above the world size, which NxD silently clamps, are left out:
 import itertools
 import os
 
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 from nxd_source import NXD_RANKS, requires_nxd
 
 pytestmark = requires_nxd

@@ -6,13 +6,12 @@ at TP2xCP2, TP1xCP4, TP4xCP1 and the training loop with NxD's optimizer) and one
 (TP2xCP2xDP2, and NxD's optimizer over DP x CP). Model cases reuse tests/test_models.py's
 ``run_case`` (reference: the unmodified transformers model on rank 0) with one AdamW step.
 """
-import datetime
 
 import pytest
 import torch
 
 import test_models as tm
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 from nxd_source import NXD_RANKS, requires_nxd
 
 pytestmark = requires_nxd
@@ -74,7 +73,7 @@ def vocab_parallel_logits(arch):
     from nxd_cp.models import transform
     from nxd_cp.sharding import shard_sequence
 
-    model = transform(tm.make_model(arch), "p2p", vocab_parallel_logits=True)
+    model = transform(tm.make_model(arch), tm.configure("p2p"), vocab_parallel_logits=True)
     batch = tm.make_batch(5, padded=True)
     out = model(**get_batch_on_this_context_parallel_rank(batch))
     before = out.logits.detach().clone()
@@ -103,8 +102,9 @@ def nxd_optimizer_loop(arch, comm, padded):
     cfg = nxd_cp.neuronx_distributed_config(
         tensor_parallel_size=ps.get_tensor_model_parallel_size(),
         context_parallel_size=ps.get_context_model_parallel_size(),
-        optimizer_config={"zero_one_enabled": False, "grad_clipping": False})
-    model = nxd_cp.transform(tm.make_model(arch), cp_comm_type=comm)
+        optimizer_config={"zero_one_enabled": False, "grad_clipping": False},
+        context_parallel_config={"comm_type": comm})
+    model = nxd_cp.transform(tm.make_model(arch), cfg)
     opt = initialize_parallel_optimizer(cfg, torch.optim.AdamW, model.parameters(), lr=tm.LR)
     dp, dp_rank = ps.get_data_parallel_size(), ps.get_data_parallel_rank()
     batches = [tm.make_batch(200 + d, padded) for d in range(dp)]
@@ -200,7 +200,7 @@ def sp_refused():
 
     ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
     try:
-        transform(tm.make_model("llama"), "p2p", sequence_parallel=True)
+        transform(tm.make_model("llama"), tm.configure("p2p", sp=True))
     except NotImplementedError as e:
         return str(e)
     finally:

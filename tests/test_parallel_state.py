@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 from nxd_cp import parallel_state as ps
 from nxd_cp.layout import ParallelLayout
 

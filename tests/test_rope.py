@@ -16,7 +16,7 @@ length-dependent types; ``dynamic`` must then be visibly wrong, showing the test
 import pytest
 import torch
 
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 
 ROPE = {
     "default": None,
@@ -73,7 +73,9 @@ def run_case(arch, rope, layout, comm, unwrap):
     from nxd_cp.models.common import set_path
     from nxd_cp.models.rope import GlobalLengthRotary
 
-    model = transform(make_model(arch, rope), comm, load_balance=layout)
+    from test_models import configure
+
+    model = transform(make_model(arch, rope), configure(comm, layout))
     wrapped = [n for n, m in model.named_modules() if isinstance(m, GlobalLengthRotary)]
     if unwrap:
         for name in wrapped:
@@ -83,7 +85,7 @@ def run_case(arch, rope, layout, comm, unwrap):
     for i, seq in enumerate(LENGTHS):
         batch = make_batch(seq, 10 + i)
         model.zero_grad()
-        out = model(**get_batch_on_this_context_parallel_rank(batch, load_balance=layout))
+        out = model(**get_batch_on_this_context_parallel_rank(batch))
         out.loss.backward()
         allreduce_context_parallel_gradients(model)
         grads = full_gradients(model)

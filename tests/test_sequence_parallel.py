@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import test_models as tm
-from harness import run_ranks
+from nxd_cp.testing import run_ranks
 
 B, S, IN, OUT = 2, 8, 12, 10
 
@@ -87,7 +87,7 @@ def backward_collectives(arch, sp):
     from nxd_cp.data import get_batch_on_this_context_parallel_rank
     from nxd_cp.models import transform
 
-    model = transform(tm.make_model(arch), "p2p", sequence_parallel=sp)
+    model = transform(tm.make_model(arch), tm.configure("p2p", sp=sp))
     loss = model(**get_batch_on_this_context_parallel_rank(tm.make_batch(3))).loss
     with nxd_cp.count_bytes() as tally:
         loss.backward()
@@ -102,7 +102,7 @@ def unreduced_norm_gradient():
     from nxd_cp.grads import allreduce_data_context_parallel_gradients
     from nxd_cp.models import full_gradients, transform
 
-    model = transform(tm.make_model("llama"), "p2p", sequence_parallel=True)
+    model = transform(tm.make_model("llama"), tm.configure("p2p", sp=True))
     batch = tm.make_batch(4)
     model(**get_batch_on_this_context_parallel_rank(batch)).loss.backward()
     allreduce_data_context_parallel_gradients(model)
@@ -121,7 +121,7 @@ def bad_sequence():
     """TP4xCP1: a local sequence of 6 tokens does not split over 4 TP ranks."""
     from nxd_cp.models import transform
 
-    model = transform(tm.make_model("llama"), "p2p", sequence_parallel=True)
+    model = transform(tm.make_model("llama"), tm.configure("p2p", sp=True))
     try:
         model(input_ids=torch.ones(1, 6, dtype=torch.long))
     except ValueError as e:

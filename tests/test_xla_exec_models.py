@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("torch_xla")
 pytest.importorskip("jax")
 
-from test_models import make_batch, make_model, rel  # noqa: E402
+from test_models import configure, make_batch, make_model, rel  # noqa: E402
 from xla_exec import execute, lower_world  # noqa: E402
 
 TP, CP, WORLD = 2, 2, 4
@@ -33,7 +33,7 @@ def training_step(rank):
     dev = torch_xla.device()
     outputs = {}
     for arch, comm in CASES:
-        model = transform(make_model(arch), comm).to(dev)
+        model = transform(make_model(arch), configure(comm)).to(dev)
         model.tie_weights()  # moving to XLA unties Mistral's embeddings (docs/models.md)
         opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
         batch = {k: v.to(dev) for k, v in

@@ -67,11 +67,6 @@ def test_autograd_wrappers_lower_to_their_backward_collectives():
     (y * y).sum().backward()
     bwd = hlo(x.grad)
     assert any("replica_groups={{0,2},{1,3}}" in a for a in ops(bwd, "reduce-scatter"))
-    x2 = torch.randn(2, 4, device=torch_xla.device(), requires_grad=True)
-    (cg.ring_shift(x2, t, 1) * 3.0).sum().backward()
-    perm = ops(hlo(x2.grad), "collective-permute")
-    # The gradient travels the reverse ring; for a 2-ring the pairs coincide.
-    assert perm and "source_target_pairs={{0,2},{2,0},{1,3},{3,1}}" in perm[-1]
 
 
 def test_rank_is_device_data_on_xla():

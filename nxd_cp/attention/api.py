@@ -1,8 +1,10 @@
 """``context_parallel_attention``: the public entry point of CP attention.
 
-Validates its inputs, resolves ``group=None`` to the CP group of ``parallel_state``, picks the
-transport from the tensors' device and runs the ring (``comm_type="p2p"``) or the all-gather
-algorithm. A CP group of size 1 runs the local kernel without communication.
+Validates its inputs (once: the algorithms below trust them), takes ``comm_type`` /
+``load_balance`` from the active CP config (``nxd_cp.config``) unless given, resolves
+``group=None`` to the CP group of ``parallel_state``, picks the transport from the tensors'
+device and runs the ring (``comm_type="p2p"``) or the all-gather algorithm. A CP group of size
+1 runs the local kernel without communication.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from nxd_cp.attention.dispatch import local_attention
 from nxd_cp.attention.ring import ring_attention
 from nxd_cp.attention.schedule import BlockMask
 from nxd_cp.comm import get_transport
+from nxd_cp.config import COMM_TYPES, get_context_parallel_config
+from nxd_cp.parallel_state import resolve_group
 from nxd_cp.sharding import check_load_balance, check_sequence_length
-
-COMM_TYPES = ("p2p", "all_gather")
 
 
 def _validate(q, k, v, causal, comm_type, window_size, key_padding_mask) -> None:
@@ -64,10 +66,10 @@ def _validate(q, k, v, causal, comm_type, window_size, key_padding_mask) -> None
 
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               causal: bool = True, comm_type: str = "p2p",
+                               causal: bool = True, comm_type: Optional[str] = None,
                                window_size: Optional[int] = None,
                                softmax_scale: Optional[float] = None,
-                               load_balance: str = "zigzag", group=None,
+                               load_balance: Optional[str] = None, group=None,
                                key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact attention of this rank's sequence shard against the whole sequence of its CP group.
 
@@ -77,13 +79,15 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     causal: causal mask on global positions; window_size: sliding window (key j visible to
     query i iff j <= i and i - j < window_size, needs causal); softmax_scale: default
-    1/sqrt(D); comm_type: "p2p" (ring) or "all_gather"; group: None for the CP group of
-    ``parallel_state``, or a ``GroupSpec`` / ProcessGroup; key_padding_mask: bool
+    1/sqrt(D); comm_type: "p2p" (ring) or "all_gather"; comm_type / load_balance None: the
+    active config's (``nxd_cp.config.get_context_parallel_config()``); group: None for the CP
+    group of ``parallel_state``, or a ``GroupSpec`` / ProcessGroup; key_padding_mask: bool
     [B, S_local], True for real tokens of this shard (its key part travels with K/V).
     Rows that see no key return zeros.
     """
-    from nxd_cp.parallel_state import resolve_group
-
+    active = get_context_parallel_config()
+    comm_type = active.comm_type if comm_type is None else comm_type
+    load_balance = active.load_balance if load_balance is None else load_balance
     _validate(q, k, v, causal, comm_type, window_size, key_padding_mask)
     check_load_balance(load_balance)
     if isinstance(group, str):
@@ -91,7 +95,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                          "GroupSpec or a torch.distributed ProcessGroup, not a string")
     spec = resolve_group(group)
     seq_len = q.shape[2] * spec.size
-    check_sequence_length(seq_len, spec.size, load_balance)
+    check_sequence_length(seq_len, spec.size, load_balance,
+                          f"local sequence length {q.shape[2]} is not a {load_balance} shard: "
+                          "the full sequence length")
     check_group_agreement("context_parallel_attention", attention_signature(
         q, k, causal, comm_type, window_size, softmax_scale, load_balance,
         key_padding_mask is not None), spec)  # host-side, once per signature

@@ -6,7 +6,6 @@
 | gather_from_group  | all-gather on ``dim``   | keep own chunk (grads replicated) |
 | reduce_scatter     | reduce-scatter          | all-gather                        |
 | scatter_to_group   | keep own chunk          | all-gather                        |
-| ring_shift         | shift by ``direction``  | shift by ``-direction``           |
 | copy_to_group      | identity                | all-reduce                        |
 | reduce_from_group  | all-reduce              | identity                          |
 
@@ -79,17 +78,6 @@ class _ScatterToGroup(torch.autograd.Function):
         return ctx.transport.all_gather(g, ctx.dim), None, None
 
 
-class _RingShift(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, direction, transport):
-        ctx.direction, ctx.transport = direction, transport
-        return transport.ring_shift(x, direction)
-
-    @staticmethod
-    def backward(ctx, g):
-        return ctx.transport.ring_shift(g, -ctx.direction), None, None
-
-
 class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, transport):
@@ -125,10 +113,6 @@ def reduce_scatter(x: torch.Tensor, dim: int, transport: Transport) -> torch.Ten
 
 def scatter_to_group(x: torch.Tensor, dim: int, transport: Transport) -> torch.Tensor:
     return x if transport.size == 1 else _ScatterToGroup.apply(x, dim, transport)
-
-
-def ring_shift(x: torch.Tensor, transport: Transport, direction: int = 1) -> torch.Tensor:
-    return x if transport.size == 1 else _RingShift.apply(x, direction, transport)
 
 
 def copy_to_group(x: torch.Tensor, transport: Transport) -> torch.Tensor:

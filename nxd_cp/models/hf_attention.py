@@ -17,21 +17,21 @@ from typing import Optional
 
 import torch
 
+from nxd_cp.attention.api import context_parallel_attention
+
 ATTN_IMPLEMENTATION = "nxd_cp"
 MODULE_ATTR = "nxd_cp_attention"  # CPAttentionConfig set on each attention module by transform
 
 
 @dataclass(frozen=True)
 class CPAttentionConfig:
-    """What the attention of one transformed attention module does.
+    """What is particular to one transformed attention module (comm type and layout are the
+    job's: the active CP config, read at every call).
 
-    comm_type: "p2p" (ring) or "all_gather". load_balance: layout of the rank's tokens.
     window_size: sliding window (key j visible to query i iff j <= i and i - j < window), or
     None for plain causal.
     """
 
-    comm_type: str
-    load_balance: str
     window_size: Optional[int] = None
 
 
@@ -55,16 +55,10 @@ def cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
                                   "parallelism; set config.attention_dropout=0")
     if kwargs.get("head_mask") is not None:
         raise NotImplementedError("head_mask is not supported under context parallelism")
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be the 2-D key-padding mask [batch, seq] under "
-                             f"context parallelism, got shape {tuple(attention_mask.shape)}")
+    if attention_mask is not None:  # 2-D: checked by the model's forward pre-hook
         attention_mask = attention_mask.to(torch.bool)
-    from nxd_cp.attention.api import context_parallel_attention
-
-    out = context_parallel_attention(query, key, value, causal=True, comm_type=cfg.comm_type,
+    out = context_parallel_attention(query, key, value, causal=True,
                                      window_size=cfg.window_size, softmax_scale=scaling,
-                                     load_balance=cfg.load_balance, group=None,
                                      key_padding_mask=attention_mask)
     return out.transpose(1, 2).contiguous(), None
 

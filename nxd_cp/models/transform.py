@@ -10,14 +10,19 @@ What changes (and nothing else does):
 * the config selects the ``"nxd_cp"`` attention implementation (``hf_attention``): attention
   over the CP group with the causal / sliding-window mask of the config;
 * ``model.loss_function`` -> token-weighted CP cross entropy on *already shifted* labels;
-* ``sequence_parallel=True``: Megatron / NxD sequence parallelism inside TP
+* the config's ``sequence_parallel=True``: Megatron / NxD sequence parallelism inside TP
   (``nxd_cp.sequence_parallel``): the first decoder layer's input (the embedding output) is split
   over TP along the sequence, norms and residuals run on ``S/(cp*tp)`` tokens, attention / MLP
   see the all-gathered ``[B, S/cp, H]``, the lm_head all-gathers the final norm's output (logits
   ``[B, S/cp, V]`` as without SP); call ``allreduce_sequence_parallel_gradients(model)`` after
   backward. Without SP the fallback's q/k/v and gate/up share one input all-reduce in backward;
-* a forward pre-hook rejects what CP cannot run (KV cache, missing global ``position_ids``,
-  a local sequence that is not a valid shard) and turns ``use_cache`` off.
+* a forward pre-hook rejects what CP cannot run (KV cache, missing global ``position_ids``, a
+  padding mask that is not 2-D, a local sequence SP cannot split, an active config whose
+  ``sequence_parallel`` is not the model's) and turns ``use_cache`` off.
+
+Comm type and layout are not stored in the model: its attention reads them from the active CP
+config at every call (``nxd_cp.config``), the same value ``get_batch_on_this_context_parallel_rank``
+shards the batch with, so data and model cannot disagree on the layout.
 
 Weights come from the model itself (full weights on every rank, as ``from_pretrained`` loads
 them) or, for a model built on the meta device, from ``state_dict`` (a full HF state dict).
@@ -33,6 +38,9 @@ from torch import nn
 
 from nxd_cp import parallel_state as ps
 from nxd_cp.agreement import check_group_agreement
+from nxd_cp.config import (context_parallel_config_of, get_context_parallel_config,
+                           sequence_parallel_enabled)
+from nxd_cp.data import check_padding_mask
 from nxd_cp.layers import (ColumnParallelLinear, ParallelEmbedding, ReplicatedKVLinear,
                            RowParallelLinear)
 from nxd_cp.loss import context_parallel_cross_entropy
@@ -44,10 +52,8 @@ from nxd_cp.models.registry import architecture_of as arch_of
 from nxd_cp.models.registry import supported_architectures  # noqa: F401
 from nxd_cp.nn.registry import registered_modules, replace_registered_modules
 from nxd_cp.nn.shared import HeadShared
-from nxd_cp.sharding import check_load_balance
 from nxd_cp import sequence_parallel as sp
 
-COMM_TYPES = ("p2p", "all_gather")
 _META = torch.device("meta")
 
 
@@ -61,36 +67,26 @@ def _causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None,
 
 
 def _check_inputs(model: nn.Module, args, kwargs):
-    """Forward pre-hook: what a CP forward needs, checked before any collective runs."""
-    cfg = model.nxd_cp_config
+    """Forward pre-hook: what a CP forward needs, checked before any collective runs (the
+    attention validates the shard length and layout itself)."""
     if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
         raise ValueError("past_key_values / use_cache=True are not supported by a "
                          "context-parallel model (training only: no KV cache)")
     kwargs["use_cache"] = False
+    seq_par = model.nxd_cp_config["sequence_parallel"]
+    if seq_par != sequence_parallel_enabled():
+        raise RuntimeError(f"the model was transformed with sequence_parallel={seq_par} but the "
+                           f"active config has sequence_parallel={not seq_par}: call "
+                           "neuronx_distributed_config(...) with the model's setting")
+    check_padding_mask(kwargs.get("attention_mask"))
     seq = kwargs.get("input_ids", args[0] if args else None)
     seq = kwargs.get("inputs_embeds") if seq is None else seq
-    if cfg["sequence_parallel"] and seq is not None:
+    if seq_par and seq is not None:
         sp.check_sequence_split(seq.shape[1], ps.get_tensor_model_parallel_size())
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
-        raise ValueError(f"attention_mask must be 2-D [batch, seq] (1 = real token) under "
-                         f"context parallelism, got shape {tuple(mask.shape)}")
-    cp = ps.get_context_model_parallel_size()
-    if cp == 1:
-        return args, kwargs
-    x = kwargs.get("input_ids", args[0] if args else None)
-    if x is None:
-        x = kwargs.get("inputs_embeds")
-    if kwargs.get("position_ids") is None:
+    if ps.get_context_model_parallel_size() > 1 and kwargs.get("position_ids") is None:
         raise ValueError("position_ids is required with context_parallel_size > 1: RoPE needs "
                          "the global positions of this rank's tokens (get_batch_on_this_"
                          "context_parallel_rank adds them)")
-    chunks = 2 if cfg["load_balance"] == "zigzag" else 1
-    if x is not None and x.shape[1] % chunks:
-        s = x.shape[1]
-        raise ValueError(f"local sequence length {s} is not a {cfg['load_balance']} shard: the "
-                         f"full sequence length {s * cp} is not divisible by "
-                         f"2*context_parallel_size={2 * cp}")
     return args, kwargs
 
 
@@ -164,23 +160,51 @@ def _first_device(tensors) -> torch.device:
     return torch.device("cpu")
 
 
-def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "zigzag",
+def _sequence_parallel(config) -> bool:
+    """The model's ``sequence_parallel``: the active config's, after checking that ``config``
+    (the dict ``neuronx_distributed_config`` returned, or None) is the active one."""
+    if config is None:
+        return sequence_parallel_enabled()
+    if not isinstance(config, Mapping) or "context_parallel_size" not in config:
+        raise ValueError(f"config={config!r} is invalid: it must be None (the active config) or "
+                         "the dict returned by nxd_cp.neuronx_distributed_config(...); comm type, "
+                         "layout and sequence_parallel are set there")
+    lay = ps.get_layout()
+    given = {"tensor_parallel_size": config.get("tensor_parallel_size", 1),
+             "context_parallel_size": config["context_parallel_size"],
+             "pipeline_parallel_size": config.get("pipeline_parallel_size", 1),
+             "sequence_parallel": bool(config.get("sequence_parallel", False)),
+             "context_parallel_config": context_parallel_config_of(config)}
+    active = {"tensor_parallel_size": lay.tp, "context_parallel_size": lay.cp,
+              "pipeline_parallel_size": lay.pp, "sequence_parallel": sequence_parallel_enabled(),
+              "context_parallel_config": get_context_parallel_config()}
+    for key, value in given.items():
+        if value != active[key]:
+            raise ValueError(f"config[{key!r}]={value!r} differs from the active config's "
+                             f"{active[key]!r}: the batches and the attention use the active "
+                             "config; call neuronx_distributed_config(...) with this config first "
+                             "(it makes it the active one)")
+    return given["sequence_parallel"]
+
+
+def transform(model: nn.Module, config: Optional[Mapping] = None, *,
               state_dict: Optional[Mapping[str, torch.Tensor]] = None,
-              vocab_parallel_logits: bool = False,
-              sequence_parallel: bool = False) -> nn.Module:
+              vocab_parallel_logits: bool = False) -> nn.Module:
     """Turn ``model`` (a registered ``*ForCausalLM``: Llama, Mistral, GPT-NeoX, Qwen2, Qwen3 or
     one added with ``nxd_cp.register_architecture``) into its TP x CP version.
 
-    Call after ``parallel_state.initialize_model_parallel(tp, pp=1, cp)`` on every rank, with
-    the same full weights on every rank (or a meta-device model and ``state_dict``, the full HF
-    state dict). Modifies and returns ``model`` (and its config object: do not share it with an
-    unmodified model).
+    Call after ``nxd_cp.neuronx_distributed_config(...)`` (or
+    ``parallel_state.initialize_model_parallel(tp, pp=1, cp)``: default config) on every rank,
+    with the same full weights on every rank (or a meta-device model and ``state_dict``, the
+    full HF state dict). Modifies and returns ``model`` (and its config object: do not share it
+    with an unmodified model).
 
-    cp_comm_type: "p2p" (ring) or "all_gather" -- how K/V travel in the CP group.
-    load_balance: "zigzag" or "contiguous" -- must be the layout the batches are sharded with.
+    config: the dict ``neuronx_distributed_config`` returned, or None: the active config. Its
+        ``context_parallel_config`` (comm type, layout) is read by the model's attention at
+        every call; its ``sequence_parallel`` (SP inside TP, see above; ``S/cp`` must divide
+        by tp) shapes the model. A dict that is not the active config is a ``ValueError``.
     vocab_parallel_logits: keep logits split by vocabulary over TP (``[B, S_local, V/tp]``)
         instead of gathering them; the model's loss is then computed vocab-parallel.
-    sequence_parallel: sequence parallelism inside TP (see above); ``S/cp`` must divide by tp.
 
     The transformed model takes the output of ``get_batch_on_this_context_parallel_rank``:
     ``input_ids`` / ``labels`` (already shifted) / ``position_ids`` (global) /
@@ -189,14 +213,12 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
     Raises ``ValueError`` for an unsupported architecture or sizes that do not split.
     """
     spec = arch_of(model)
-    if cp_comm_type not in COMM_TYPES:
-        raise ValueError(f"cp_comm_type={cp_comm_type!r} must be one of {COMM_TYPES}")
-    check_load_balance(load_balance)
     if getattr(model, "nxd_cp_config", None) is not None:
         raise ValueError("model is already transformed by nxd_cp.transform")
     if not ps.model_parallel_is_initialized():
-        raise RuntimeError("call nxd_cp.parallel_state.initialize_model_parallel(...) before "
-                           "nxd_cp.transform(model)")
+        raise RuntimeError("call nxd_cp.neuronx_distributed_config(...) (or nxd_cp.parallel_"
+                           "state.initialize_model_parallel(...)) before nxd_cp.transform(model)")
+    sequence_parallel = _sequence_parallel(config)
     if ps.get_pipeline_model_parallel_size() != 1:
         raise ValueError(f"pipeline_model_parallel_size={ps.get_pipeline_model_parallel_size()}"
                          " is not supported by nxd_cp.transform (use 1)")
@@ -207,8 +229,8 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
     config = model.config
     sizes = check_sizes(spec, config, ps.get_tensor_model_parallel_size())
     check_group_agreement("transform", {  # host-side, before any weight moves
-        "architecture": spec.name, "cp_comm_type": cp_comm_type, "load_balance": load_balance,
-        "vocab_parallel_logits": vocab_parallel_logits,
+        "architecture": spec.name, **get_context_parallel_config().to_dict(),
+        "sequence_parallel": sequence_parallel, "vocab_parallel_logits": vocab_parallel_logits,
         "model config (sha256)": hashlib.sha256(config.to_json_string().encode()).hexdigest()},
         ps.get_group_spec("context"))
     on_meta = any(p.is_meta for p in model.parameters())
@@ -226,8 +248,6 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
     lm_head = get_path(model, spec.lm_head)
     embedding = get_path(model, f"{spec.base}.{spec.embedding}")
     tied = lm_head.weight is embedding.weight
-    if not isinstance(sequence_parallel, bool):
-        raise ValueError(f"sequence_parallel={sequence_parallel!r} must be a bool")
     if sequence_parallel and ps.nxd_in_charge():
         # Measured on NxD 0.18's real layers: its sequence-parallel linear backward .view()s a
         # gradient laid out [B, S, H] with sequence_dimension=1 and fails; refuse rather than
@@ -259,15 +279,14 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
     windows = []
     for i, layer in enumerate(get_path(model, f"{spec.base}.{spec.layers}")):
         windows.append(spec.window(config, i))  # per layer (Qwen2: config.layer_types)
-        attn_cfg = hf_attention.CPAttentionConfig(cp_comm_type, load_balance, windows[-1])
+        attn_cfg = hf_attention.CPAttentionConfig(windows[-1])
         setattr(get_path(layer, spec.attention), hf_attention.MODULE_ATTR, attn_cfg)
     window = windows[0] if len(set(windows)) == 1 else tuple(windows)
     hf_attention.register()
     model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
     model.loss_function = functools.partial(_causal_lm_loss,
                                             vocab_parallel=vocab_parallel_logits)
-    model.nxd_cp_config = {"architecture": spec.name, "cp_comm_type": cp_comm_type,
-                           "load_balance": load_balance, "window_size": window,
+    model.nxd_cp_config = {"architecture": spec.name, "window_size": window,
                            "vocab_parallel_logits": vocab_parallel_logits,
                            "sequence_parallel": sequence_parallel,
                            "sequence_parallel_parameters": sp.wire_model(

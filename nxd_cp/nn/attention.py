@@ -1,31 +1,13 @@
 """``ContextParallelAttention``: CP attention as an ``nn.Module``, for hand-written models."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
-from nxd_cp.attention.api import COMM_TYPES, context_parallel_attention
-from nxd_cp.config import ContextParallelConfig, get_context_parallel_config
-from nxd_cp.sharding import check_load_balance
-
-_ConfigLike = Union[None, ContextParallelConfig, Mapping[str, Any]]
-
-
-def _cp_config(config: _ConfigLike) -> ContextParallelConfig:
-    if config is None:
-        return ContextParallelConfig()
-    if isinstance(config, ContextParallelConfig):
-        return config
-    if isinstance(config, Mapping):
-        # the dict of neuronx_distributed_config(...), or its "context_parallel_config" part
-        if "context_parallel_config" in config or "context_parallel_size" in config:
-            return get_context_parallel_config(config)
-        return ContextParallelConfig.from_dict(config)
-    raise ValueError(f"config={config!r} must be None, a ContextParallelConfig, the dict "
-                     f"returned by nxd_cp.neuronx_distributed_config or its "
-                     f"'context_parallel_config' dict")
+from nxd_cp.attention.api import context_parallel_attention
+from nxd_cp.config import ConfigLike, context_parallel_config_of, require_active
 
 
 class ContextParallelAttention(nn.Module):
@@ -35,10 +17,11 @@ class ContextParallelAttention(nn.Module):
     module once its sequence is split over CP (TransformerEngine's ``DotProductAttention`` with
     a CP group, in NxD terms). No parameters.
 
-    config: where ``comm_type`` and ``load_balance`` come from: the dict returned by
-        ``nxd_cp.neuronx_distributed_config``, a ``ContextParallelConfig``, its dict, or None
-        (defaults: ``"p2p"``, ``"zigzag"``). ``comm_type`` / ``load_balance`` given here
-        override the config's.
+    config: None (default): ``comm_type`` and ``load_balance`` of the active CP config
+        (``nxd_cp.config``), read at every forward, so the attention follows the layout
+        ``get_batch_on_this_context_parallel_rank`` shards with. Given (the dict returned by
+        ``nxd_cp.neuronx_distributed_config``, a ``ContextParallelConfig`` or its dict), it must
+        be the active one when the module runs (``RuntimeError`` otherwise).
     causal: causal mask on global positions. window_size: sliding window (key j visible to
         query i iff j <= i and i - j < window_size; needs causal). softmax_scale: default
         1/sqrt(D). group: None for ``parallel_state``'s CP group, or a GroupSpec / ProcessGroup.
@@ -52,17 +35,11 @@ class ContextParallelAttention(nn.Module):
     q's dtype; query rows that see no key are zeros.
     """
 
-    def __init__(self, config: _ConfigLike = None, *, comm_type: Optional[str] = None,
-                 load_balance: Optional[str] = None, causal: bool = True,
+    def __init__(self, config: ConfigLike = None, *, causal: bool = True,
                  window_size: Optional[int] = None, softmax_scale: Optional[float] = None,
                  group=None):
         super().__init__()
-        cfg = _cp_config(config)
-        self.comm_type = comm_type if comm_type is not None else cfg.comm_type
-        self.load_balance = load_balance if load_balance is not None else cfg.load_balance
-        if self.comm_type not in COMM_TYPES:
-            raise ValueError(f"comm_type={self.comm_type!r} must be one of {COMM_TYPES}")
-        check_load_balance(self.load_balance)
+        self.config = None if config is None else context_parallel_config_of(config)
         if window_size is not None and (not isinstance(window_size, int) or window_size < 1):
             raise ValueError(f"window_size={window_size!r} must be None or an integer >= 1")
         if window_size is not None and not causal:
@@ -72,13 +49,15 @@ class ContextParallelAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.config is not None:
+            require_active(self.config, "this ContextParallelAttention")
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             key_padding_mask = key_padding_mask != 0
         return context_parallel_attention(
-            q, k, v, causal=self.causal, comm_type=self.comm_type, window_size=self.window_size,
-            softmax_scale=self.softmax_scale, load_balance=self.load_balance, group=self.group,
+            q, k, v, causal=self.causal, window_size=self.window_size,
+            softmax_scale=self.softmax_scale, group=self.group,
             key_padding_mask=key_padding_mask)
 
     def extra_repr(self) -> str:
-        return (f"comm_type={self.comm_type!r}, load_balance={self.load_balance!r}, "
-                f"causal={self.causal}, window_size={self.window_size}")
+        config = "active" if self.config is None else self.config
+        return f"config={config}, causal={self.causal}, window_size={self.window_size}"

@@ -1,4 +1,19 @@
-"""Run a function on N real gloo ranks in spawned processes and collect what each returns.
+"""Test your CP setup on CPU: run a function on N real gloo ranks and collect what each returns.
+
+Public (as ``torch.testing`` is for PyTorch): nxd_cp's tests and benchmarks use it, and so can
+yours, to check a TP x CP model against its single-process version on one machine::
+
+    from nxd_cp.testing import run_ranks
+
+    def scenario(rank, world_size, seq_len):      # module level: spawn pickles it by name
+        nxd_cp.neuronx_distributed_config(tensor_parallel_size=2, context_parallel_size=2)
+        ...
+        return loss.item()
+
+    losses = run_ranks(scenario, 4, 8192, timeout=300)
+
+``activate_config`` makes a CP config the active one for the current sizes without a process
+group too (single-process tests, XLA lowering under ``parallel_state.explicit_rank``).
 
 ``run_ranks(fn, world_size, *args)`` spawns ``world_size`` processes that join one gloo
 process group on a free loopback port, call ``fn(rank, world_size, *args)`` and send back its
@@ -65,7 +80,14 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
               threads: int = 1, sys_path: Optional[List[str]] = None,
               env: Optional[Dict[str, str]] = None,
               pg_timeout: Optional[float] = None) -> List[Any]:
-    """Return ``[fn(0, world_size, *args), ..., fn(world_size-1, ...)]`` run on real ranks."""
+    """Return ``[fn(0, world_size, *args), ..., fn(world_size-1, ...)]`` run on real ranks.
+
+    timeout: seconds for the whole scenario (then every rank's stack is printed, the processes
+    are killed and ``TimeoutError`` raised); threads: intra-op threads per rank; sys_path /
+    env: prepended to ``sys.path`` / set in the ranks only; pg_timeout: the world group's
+    timeout in seconds. An exception on any rank raises ``AssertionError`` with every failed
+    rank's traceback.
+    """
     options = {"sys_path": sys_path, "env": env, "pg_timeout": pg_timeout}
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -133,3 +155,28 @@ def _hung_report(procs, stack_dir, timeout, outs, errors) -> str:
         with open(path) as f:
             parts.append(f"--- rank {r} stack ---\n{f.read().strip() or '(finished)'}")
     return "\n".join(parts)
+
+
+def activate_config(comm_type: str = "p2p", load_balance: str = "zigzag",
+                    sequence_parallel: bool = False) -> Dict[str, Any]:
+    """Make ``(comm_type, load_balance, sequence_parallel)`` the active config for the sizes of
+    the current parallel state (1s when there is none), as ``neuronx_distributed_config`` does
+    in a training script; returns the config dict (what ``nxd_cp.transform`` takes). With a
+    torch.distributed world it *is* ``neuronx_distributed_config``; without one (a single
+    process, ``explicit_rank``) the validated config is set directly."""
+    import torch.distributed as dist
+
+    from nxd_cp import parallel_state as ps
+    from nxd_cp.nxd_config import build_config, neuronx_distributed_config
+
+    lay = ps.get_layout() if ps.model_parallel_is_initialized() else None
+    kwargs = dict(tensor_parallel_size=lay.tp if lay else 1,
+                  context_parallel_size=lay.cp if lay else 1,
+                  sequence_parallel=sequence_parallel,
+                  context_parallel_config={"comm_type": comm_type,
+                                           "load_balance": load_balance})
+    if dist.is_available() and dist.is_initialized() and lay is not None:
+        return neuronx_distributed_config(**kwargs)
+    cfg = build_config(**kwargs)
+    ps.set_training_config(cfg)
+    return cfg.to_dict()
