@@ -183,9 +183,10 @@ def run_sequence_first(layer: nn.Module) -> None:
     transformers' batch-first model: input ``[B, S_in, H]`` -> ``[S_in, B, H]`` before it, output
     ``[S_out, B, N]`` -> ``[B, S_out, N]`` after it (column: ``S_out = tp * S_in``; row: the
     converse)."""
-    if getattr(layer, "sequence_dimension", None) != NXD_SEQUENCE_DIM:
+    dim = getattr(layer, "sequence_dimension", None)
+    if dim != NXD_SEQUENCE_DIM:
         raise RuntimeError(f"run_sequence_first needs sequence_dimension={NXD_SEQUENCE_DIM}, "
-                           f"{type(layer).__name__} has {getattr(layer, 'sequence_dimension', None)}")
+                           f"{type(layer).__name__} has {dim}")
     layer.register_forward_pre_hook(
         lambda m, args: (_SwapBatchSequence.apply(args[0]),) + tuple(args[1:]))
     layer.register_forward_hook(lambda m, args, out: _SwapBatchSequence.apply(out))
@@ -202,6 +203,8 @@ def layer_options(kind: str, in_attention: bool, sequence_parallel: bool) -> dic
     | column, elsewhere   | none (``share_tp_input``)      | SP, ``sequence_dimension=0``        |
     | lm_head             | SP, ``sequence_dimension=1``   | none (``gather_tp_input``)          |
     """
+    if kind not in ("column", "row", "lm_head"):
+        raise ValueError(f"kind={kind!r} must be 'column', 'row' or 'lm_head'")
     if not sequence_parallel:
         return {}
     nxd = ps.nxd_in_charge()
@@ -209,8 +212,6 @@ def layer_options(kind: str, in_attention: bool, sequence_parallel: bool) -> dic
             not nxd and kind == "lm_head"):
         return {"sequence_parallel_enabled": True,
                 "sequence_dimension": NXD_SEQUENCE_DIM if nxd else SEQUENCE_DIM}
-    if kind not in ("column", "lm_head"):
-        raise ValueError(f"kind={kind!r} must be 'column', 'row' or 'lm_head'")
     return {}
 
 
