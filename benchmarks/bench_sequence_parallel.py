@@ -3,7 +3,7 @@
 One world of 4 gloo ranks runs TP2xCP2 and TP4xCP1 in turn (rank 0 reports; every rank of a
 layout has the same shapes). Model: the demo's tiny Llama 3.1-style config (hidden 128, 8/2
 heads, MLP 352, 2 layers, vocab 256; ``examples/train_llama_cp.py``) after
-``nxd_cp.transform(..., sequence_parallel=...)``, p2p CP attention.
+``nxd_cp.transform`` (``sequence_parallel`` from the active config), p2p CP attention.
 
 * Saved for backward (``nxd_cp.count_saved_bytes``, parameters excluded, bf16): decoder layer 1
   called on this rank's hidden states (``[1, S/cp, H]``, or ``[1, S/(cp*tp), H]`` with SP), and

@@ -2,9 +2,10 @@
 
 Only the spawned ranks import NxD (tests/nxd_source.py). Two spawns: one 4-rank world (parallel
 state and every getter against NxD's own, group timeouts, NxD's re-initialisation, then transform
-at TP2xCP2, TP1xCP4, TP4xCP1 and the training loop with NxD's optimizer) and one 8-rank world
-(TP2xCP2xDP2, and NxD's optimizer over DP x CP). Model cases reuse tests/test_models.py's
-``run_case`` (reference: the unmodified transformers model on rank 0) with one AdamW step.
+at TP2xCP2, TP1xCP4, TP4xCP1, with and without sequence parallelism, and the training loop with
+NxD's optimizer) and one 8-rank world (TP2xCP2xDP2, and NxD's optimizer over DP x CP). Model
+cases reuse tests/test_models.py's ``run_case`` (reference: the unmodified transformers model on
+rank 0) with one AdamW step.
 """
 
 import pytest
@@ -16,6 +17,7 @@ from nxd_source import NXD_RANKS, requires_nxd
 
 pytestmark = requires_nxd
 PG_TIMEOUT = 120  # seconds: the world group's timeout, which every group must inherit
+SP = {"sp": True}  # neuronx_distributed_config(sequence_parallel=True) -> transform
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,47 +91,86 @@ def vocab_parallel_logits(arch):
             "rel_err": tm.rel(out.logits.detach(), ref)}
 
 
-def nxd_optimizer_loop(arch, comm, padded):
+def _refusal(fn, arg):
+    try:
+        fn(arg)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def nxd_optimizer_loop(arch, comm, padded, sp=False):
     """The README loop with NxD's initialize_parallel_optimizer: its step reduces the gradients
-    (nxd_cp's reduction refuses it); the reduced gradients against the reference's."""
+    (over DP x CP; with ``sequence_parallel=True`` in its config also the SP parameters' over
+    TP) and nxd_cp's reductions refuse it; gradients and parameters after the step against the
+    reference's (one AdamW step)."""
     import torch.distributed as dist
     from neuronx_distributed.trainer import initialize_parallel_optimizer
 
     import nxd_cp
     from nxd_cp import parallel_state as ps
-    from nxd_cp.models import full_gradients
+    from nxd_cp.models import full_gradients, full_state_dict
 
     cfg = nxd_cp.neuronx_distributed_config(
         tensor_parallel_size=ps.get_tensor_model_parallel_size(),
-        context_parallel_size=ps.get_context_model_parallel_size(),
+        context_parallel_size=ps.get_context_model_parallel_size(), sequence_parallel=sp,
         optimizer_config={"zero_one_enabled": False, "grad_clipping": False},
         context_parallel_config={"comm_type": comm})
     model = nxd_cp.transform(tm.make_model(arch), cfg)
-    opt = initialize_parallel_optimizer(cfg, torch.optim.AdamW, model.parameters(), lr=tm.LR)
+    opt = initialize_parallel_optimizer(cfg, torch.optim.AdamW, model.parameters(), lr=tm.LR,
+                                        eps=1e-6)  # eps: see tests/test_models.run_case
     dp, dp_rank = ps.get_data_parallel_size(), ps.get_data_parallel_rank()
     batches = [tm.make_batch(200 + d, padded) for d in range(dp)]
     loss = model(**nxd_cp.get_batch_on_this_context_parallel_rank(batches[dp_rank])).loss
     loss.backward()
-    try:
-        nxd_cp.allreduce_context_parallel_gradients(opt)
-        refused = "no error"
-    except RuntimeError as e:
-        refused = str(e)
+    res = {"refused": _refusal(nxd_cp.allreduce_context_parallel_gradients, opt),
+           "sp_refused": _refusal(nxd_cp.allreduce_sequence_parallel_gradients, opt),
+           "loss": loss.item()}
     opt.step()  # reduces the gradients in place (net: sum over CP, mean over DP), then steps
-    grads = full_gradients(model)
-    res = {"refused": refused, "loss": loss.item()}
+    grads, params = full_gradients(model), full_state_dict(model)
     if dist.get_rank() == 0:
         ref = tm.make_model(arch)
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=tm.LR, eps=1e-6)
         losses = [ref(**b).loss for b in batches]
         torch.stack(losses).mean().backward()
+        ref_opt.step()
         res["ref_loss"] = [x.item() for x in losses]
         res["grad_err"] = {n: tm.rel(grads[n], p.grad) for n, p in ref.named_parameters()}
+        res["param_err"] = {n: tm.rel(params[n], t) for n, t in ref.state_dict().items()}
     return res
+
+
+def sp_wiring_and_controls():
+    """TP2xCP2 Llama with SP on NxD's layers: which of NxD's layers are sequence-parallel (and
+    on which dim); the negative control of the norms' TP reduction; and why NxD's SP layers run
+    sequence-first: batch-first (``sequence_dimension=1``) their backward fails."""
+    import test_sequence_parallel as tsp
+    from neuronx_distributed.parallel_layers.layers import RowParallelLinear
+
+    from nxd_cp.models import transform
+
+    model = transform(tm.make_model("llama"), tm.configure("p2p", sp=True))
+    layer0 = {n.split(".", 3)[-1]: (type(m).__module__, getattr(m, "sequence_parallel_enabled",
+                                                                None),
+                                    getattr(m, "sequence_dimension", None))
+              for n, m in model.named_modules() if n.startswith("model.layers.0.")
+              and n.endswith("_proj")}
+    layer0["lm_head"] = (type(model.lm_head).__module__,
+                         model.lm_head.sequence_parallel_enabled, None)
+    row = RowParallelLinear(8, 6, input_is_parallel=True, sequence_parallel_enabled=True,
+                            sequence_dimension=1)
+    try:
+        row(torch.randn(2, 8, 4, requires_grad=True)).sum().backward()
+        batch_first = "no error"
+    except RuntimeError as e:
+        batch_first = str(e)
+    return {"layer0": layer0, "unreduced": tsp.unreduced_norm_gradient(),
+            "batch_first_backward": batch_first}
 
 
 def _key(tp, cp, dp, arch, comm, opts):
     return f"tp{tp}cp{cp}" + (f"dp{dp}" if dp > 1 else "") + f"-{arch}-{comm}" + "".join(
-        f"-{k}" for k in sorted(opts))
+        f"-{k}" for k in sorted(opts) if opts[k])
 
 
 def _run_plans(plans, dp=1):
@@ -142,12 +183,14 @@ def _run_plans(plans, dp=1):
             ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
         for arch, comm, opts in cases:
             if opts.get("nxd_optimizer"):
-                results["optim-" + _key(tp, cp, dp, arch, comm, {})] = nxd_optimizer_loop(
-                    arch, comm, padded=True)
+                sp = opts.get("sp", False)
+                results["optim-" + _key(tp, cp, dp, arch, comm, {"sp": sp})] = \
+                    nxd_optimizer_loop(arch, comm, padded=True, sp=sp)
             else:
                 results[_key(tp, cp, dp, arch, comm, opts)] = tm.run_case(arch, comm, **opts)
         if (tp, cp) == (2, 2) and dp == 1:
             results["vocab_logits"] = vocab_parallel_logits("llama")
+            results["sp_controls"] = sp_wiring_and_controls()
         ps.destroy_model_parallel()
     return results
 
@@ -181,38 +224,33 @@ def four_rank_nxd(rank, world):
                  ("mistral", "p2p", {"ckpt": True}), ("mistral", "all_gather", {"padded": True}),
                  ("gpt_neox", "p2p", {"vocab_parallel": True}),
                  ("gpt_neox", "all_gather", {"ckpt": True}),
-                 ("llama", "all_gather", {"nxd_optimizer": True})],
+                 ("llama", "all_gather", {"nxd_optimizer": True}),
+                 # sequence parallelism on NxD's SP layers, both comm types per architecture
+                 ("llama", "p2p", {"sp": True, "padded": True}), ("llama", "all_gather", SP),
+                 ("mistral", "p2p", SP), ("mistral", "all_gather", {"sp": True, "ckpt": True}),
+                 ("gpt_neox", "p2p", {"sp": True, "vocab_parallel": True}),
+                 ("gpt_neox", "all_gather", {"sp": True, "padded": True}),
+                 ("llama", "p2p", {"nxd_optimizer": True, "sp": True})],
         (1, 4): [("llama", "p2p", {"ckpt": True}), ("llama", "all_gather", {"padded": True}),
                  ("mistral", "p2p", {"padded": True}), ("mistral", "all_gather", {}),
                  ("gpt_neox", "p2p", {}), ("gpt_neox", "all_gather", {"padded": True})],
         (4, 1): [("llama", "p2p", {"padded": True, "vocab_parallel": True}),
-                 ("mistral", "all_gather", {"ckpt": True}), ("gpt_neox", "p2p", {"padded": True})],
+                 ("mistral", "all_gather", {"ckpt": True}), ("gpt_neox", "p2p", {"padded": True}),
+                 ("llama", "p2p", SP), ("mistral", "all_gather", {"sp": True, "padded": True}),
+                 ("gpt_neox", "p2p", {"sp": True, "ckpt": True})],
     }
     out.update(_run_plans(plans))
-    out["sp_refused"] = sp_refused()
     return out
-
-
-def sp_refused():
-    """transform(sequence_parallel=True) on NxD's layers: a clear error, never a silent drop."""
-    from nxd_cp import parallel_state as ps
-    from nxd_cp.models import transform
-
-    ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
-    try:
-        transform(tm.make_model("llama"), tm.configure("p2p", sp=True))
-    except NotImplementedError as e:
-        return str(e)
-    finally:
-        ps.destroy_model_parallel()
-    return None
 
 
 def eight_rank_nxd(rank, world):
     plans = {(2, 2): [("llama", "all_gather", {"padded": True}),
                       ("mistral", "p2p", {"ckpt": True}),
                       ("gpt_neox", "all_gather", {"vocab_parallel": True}),
-                      ("mistral", "p2p", {"nxd_optimizer": True})]}
+                      ("mistral", "p2p", {"nxd_optimizer": True}),
+                      ("llama", "p2p", SP), ("mistral", "all_gather", {"sp": True, "padded": True}),
+                      ("gpt_neox", "p2p", SP),
+                      ("gpt_neox", "all_gather", {"nxd_optimizer": True, "sp": True})]}
     out = {}
     from nxd_cp import parallel_state as ps
     ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
@@ -270,6 +308,12 @@ def _model_cases(results):
     return {k: v for k, v in results[0].items() if k.startswith("tp")}
 
 
+def _only(results, sp):
+    """Each rank's results with only the model cases with (``sp``) or without SP."""
+    return [{k: v for k, v in r.items() if not k.startswith("tp") or ("-sp" in k) == sp}
+            for r in results]
+
+
 def _report(results, title):
     fails = tm._check_training(results, report := {})
     print(f"\n{title}: case, loss rel err (worst rank), worst gradient rel err, parameters "
@@ -281,19 +325,57 @@ def _report(results, title):
 def test_transform_on_nxd_layers_matches_reference(four):
     """TP2xCP2, TP1xCP4, TP4xCP1 x Llama / Mistral / GPT-NeoX x p2p / all_gather; padded (pad
     token 0), checkpointed and vocab-parallel cases: loss (1e-5) and every gradient (1e-4)."""
-    fails = _report(four, "NxD layers, 4 ranks")
-    assert len(_model_cases(four)) == 15
+    fails = _report(_only(four, sp=False), "NxD layers, 4 ranks")
+    assert len(_model_cases(_only(four, sp=False))) == 15
     assert not fails, "\n".join(fails)
 
 
-def test_sequence_parallel_refused_on_nxd_layers(four):
-    for r in four:
-        assert r["sp_refused"] and "sequence_parallel=True" in r["sp_refused"], r["sp_refused"]
+def test_sequence_parallel_on_nxd_layers_matches_reference(four):
+    """SP on NxD's own sequence-parallel layers: TP2xCP2 (each architecture with both comm
+    types; padded, checkpointed, vocab-parallel variants) and TP4xCP1: loss (1e-5), every
+    gradient (1e-4), parameters after one AdamW step (1e-4) vs the unmodified model."""
+    fails = _report(_only(four, sp=True), "NxD layers, sequence parallel, 4 ranks")
+    assert len(_model_cases(_only(four, sp=True))) == 9
+    assert not fails, "\n".join(fails)
+
+
+def test_sequence_parallel_wiring_on_nxd_layers(four):
+    """Which of NxD's layers run SP: rows and the MLP's columns, sequence-first (dim 0); the
+    attention's q/k/v and the lm_head take the all-gathered input (transformers' attention views
+    q/k/v with its input's [B, S])."""
+    nxd = "neuronx_distributed.parallel_layers.layers"
+    want = {"self_attn.q_proj": (nxd, False, None), "self_attn.k_proj": (nxd, False, None),
+            "self_attn.v_proj": (nxd, False, None), "self_attn.o_proj": (nxd, True, 0),
+            "mlp.gate_proj": (nxd, True, 0), "mlp.up_proj": (nxd, True, 0),
+            "mlp.down_proj": (nxd, True, 0), "lm_head": (nxd, False, None)}
+    got = {k: (m, bool(on), dim if on else None)
+           for k, (m, on, dim) in four[0]["sp_controls"]["layer0"].items()}
+    assert got == want, got
+    # Why sequence-first: NxD 0.18's SP backward .view()s the non-contiguous batch-first
+    # gradient of its all-gather along dim 1. If this starts to pass, NxD fixed it and
+    # sequence_parallel.run_sequence_first may go.
+    msg = four[0]["sp_controls"]["batch_first_backward"]
+    assert "view" in msg, msg
+
+
+def test_sequence_parallel_norm_reduction_on_nxd_layers(four):
+    """Negative control on NxD's layers: without allreduce_sequence_parallel_gradients the
+    norms' gradients are one TP rank's tokens' share (far off); the TP-split weights are not."""
+    res = four[0]["sp_controls"]["unreduced"]
+    assert "model.norm.weight" in res["marked"] and len(res["marked"]) == 5, res["marked"]
+    assert res["q_err"] < 1e-4, res  # fp32 gradient tolerance
+    assert res["norm_err"] > 0.1, res
 
 
 def test_transform_on_nxd_layers_dp(eight):
-    fails = _report(eight, "NxD layers, TP2xCP2xDP2")
-    assert len(_model_cases(eight)) == 3
+    fails = _report(_only(eight, sp=False), "NxD layers, TP2xCP2xDP2")
+    assert len(_model_cases(_only(eight, sp=False))) == 3
+    assert not fails, "\n".join(fails)
+
+
+def test_sequence_parallel_on_nxd_layers_dp(eight):
+    fails = _report(_only(eight, sp=True), "NxD layers, sequence parallel, TP2xCP2xDP2")
+    assert len(_model_cases(_only(eight, sp=True))) == 3
     assert not fails, "\n".join(fails)
 
 
@@ -304,15 +386,21 @@ def test_vocab_parallel_logits_usable(four):
     assert four[0]["vocab_logits"]["rel_err"] < 1e-5, four[0]["vocab_logits"]
 
 
+@pytest.mark.parametrize("sp", [False, True], ids=["no_sp", "sp"])
 @pytest.mark.parametrize("world", ["four", "eight"])
-def test_readme_loop_with_nxd_optimizer(world, request):
-    """NxD's optimizer alone gives the reference gradients (sum over CP, mean over DP), and
-    nxd_cp's reduction refuses to reduce a second time."""
+def test_readme_loop_with_nxd_optimizer(world, sp, request):
+    """NxD's optimizer alone gives the reference gradients (sum over CP, mean over DP; with SP
+    in its config the norms' sum over TP) and parameters after its step, and nxd_cp's
+    reductions refuse to reduce a second time."""
     results = request.getfixturevalue(world)
-    key = next(k for k in results[0] if k.startswith("optim-"))
+    key = next(k for k in results[0] if k.startswith("optim-") and k.endswith("-sp") == sp)
     res0 = results[0][key]
     for r in results:
         assert "already reduces the gradients" in r[key]["refused"]
+        if sp:
+            assert "already all-reduces the sequence-parallel" in r[key]["sp_refused"]
+        else:  # NxD's step does not reduce them without SP in its config: nothing to refuse
+            assert r[key]["sp_refused"] == "no error"
     want = res0["ref_loss"][0]  # rank 0 is DP rank 0
     # fp32, reordered sums only: loss 1e-5, gradients 1e-4 (as test_models).
     assert abs(res0["loss"] - want) / want < 1e-5
@@ -320,3 +408,6 @@ def test_readme_loop_with_nxd_optimizer(world, request):
     print(f"\n{key}: loss rel err {abs(res0['loss'] - want) / want:.1e}, worst gradient "
           f"{worst} {res0['grad_err'][worst]:.1e}")
     assert res0["grad_err"][worst] < 1e-4, (worst, res0["grad_err"][worst])
+    worst = max(res0["param_err"], key=res0["param_err"].get)
+    print(f"{key}: worst parameter after 1 AdamW step {worst} {res0['param_err'][worst]:.1e}")
+    assert res0["param_err"][worst] < 1e-4, (worst, res0["param_err"][worst])  # as run_case

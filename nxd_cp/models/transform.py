@@ -98,16 +98,14 @@ def _parallel_modules(model: nn.Module, spec: ArchSpec, sizes: Dict[str, int],
     tp = ps.get_tensor_model_parallel_size()
     new = {}
 
-    def column(path, gather_output=False, **sp_args):
+    def column(path, gather_output=False, kind="column", in_attention=False):
         if path.startswith(skip):
             return
         lin = get_path(model, path)
         new[path] = ColumnParallelLinear(lin.in_features, lin.out_features,
                                          bias=lin.bias is not None, gather_output=gather_output,
-                                         dtype=lin.weight.dtype, device=_META, **sp_args)
-
-    # With SP the row layers reduce-scatter on the sequence dim of [B, S, H] (NxD's too).
-    sp_args = dict(sequence_parallel_enabled=True, sequence_dimension=1) if seq_par else {}
+                                         dtype=lin.weight.dtype, device=_META,
+                                         **sp.layer_options(kind, in_attention, seq_par))
 
     def row(path):
         if path.startswith(skip):
@@ -115,7 +113,8 @@ def _parallel_modules(model: nn.Module, spec: ArchSpec, sizes: Dict[str, int],
         lin = get_path(model, path)
         new[path] = RowParallelLinear(lin.in_features, lin.out_features,
                                       bias=lin.bias is not None, input_is_parallel=True,
-                                      dtype=lin.weight.dtype, device=_META, **sp_args)
+                                      dtype=lin.weight.dtype, device=_META,
+                                      **sp.layer_options("row", False, seq_par))
 
     emb_path = f"{spec.base}.{spec.embedding}"
     emb = get_path(model, emb_path)
@@ -126,7 +125,7 @@ def _parallel_modules(model: nn.Module, spec: ArchSpec, sizes: Dict[str, int],
     for i in range(len(get_path(model, f"{spec.base}.{spec.layers}"))):
         prefix = f"{spec.base}.{spec.layers}.{i}."
         for p in spec.column:
-            column(prefix + p)
+            column(prefix + p, in_attention=p.startswith(spec.attention + "."))
         for p in spec.row:
             row(prefix + p)
         for p in spec.per_head:
@@ -134,15 +133,13 @@ def _parallel_modules(model: nn.Module, spec: ArchSpec, sizes: Dict[str, int],
                 new[prefix + p] = HeadShared(get_path(model, prefix + p))
         for p in spec.kv:
             if hkv % tp == 0 or (prefix + p).startswith(skip):
-                column(prefix + p)
+                column(prefix + p, in_attention=p.startswith(spec.attention + "."))
             else:
                 lin = get_path(model, prefix + p)
                 new[prefix + p] = ReplicatedKVLinear(lin.in_features, hkv, sizes["head_dim"],
                                                      bias=lin.bias is not None,
                                                      dtype=lin.weight.dtype, device=_META)
-    # NxD's column layer refuses gather_output with SP: wire_model gathers its input instead.
-    column(spec.lm_head, gather_output=not vocab_parallel_logits,
-           **({} if ps.nxd_in_charge() else sp_args))
+    column(spec.lm_head, gather_output=not vocab_parallel_logits, kind="lm_head")
     return new
 
 
@@ -248,14 +245,6 @@ def transform(model: nn.Module, config: Optional[Mapping] = None, *,
     lm_head = get_path(model, spec.lm_head)
     embedding = get_path(model, f"{spec.base}.{spec.embedding}")
     tied = lm_head.weight is embedding.weight
-    if sequence_parallel and ps.nxd_in_charge():
-        # Measured on NxD 0.18's real layers: its sequence-parallel linear backward .view()s a
-        # gradient laid out [B, S, H] with sequence_dimension=1 and fails; refuse rather than
-        # run a path that is not verified.
-        raise NotImplementedError(
-            "sequence_parallel=True is not supported yet while NeuronX Distributed's layers are "
-            "in charge (nxd_cp.parallel_state.nxd_in_charge() is True); it runs on nxd_cp's "
-            "fallback layers (NXD_CP_DISABLE_NXD=1)")
     new = _parallel_modules(model, spec, sizes, vocab_parallel_logits, skip, sequence_parallel)
     devices = {path: next(get_path(model, path).parameters()).device for path in new}
     for path, module in new.items():
