@@ -14,7 +14,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from nxd_cp.comm import get_transport
+from nxd_cp.comm.autograd import all_gather
 from nxd_cp.config import LOAD_BALANCES
+from nxd_cp.parallel_state import resolve_group
 
 
 def check_load_balance(load_balance: str) -> None:
@@ -96,10 +99,6 @@ def unshard_sequence(local: torch.Tensor, dim: int, group=None,
     ``group``: a ``GroupSpec`` or None for the CP group of ``parallel_state``. Differentiable:
     the gradient of the full sequence is reduce-scattered back to the shards.
     """
-    from nxd_cp.comm import get_transport
-    from nxd_cp.comm.autograd import all_gather
-    from nxd_cp.parallel_state import resolve_group
-
     spec = resolve_group(group)
     transport = get_transport(spec, local.device)
     gathered = all_gather(local, dim, transport)

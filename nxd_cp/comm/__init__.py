@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from nxd_cp.comm.base import ByteTally, GroupSpec, PendingTensor, Transport, count_bytes
+from nxd_cp.comm.torch_dist import TorchDistTransport
 
 
 def get_transport(group: GroupSpec, device: torch.device) -> Transport:
@@ -15,9 +16,8 @@ def get_transport(group: GroupSpec, device: torch.device) -> Transport:
     if not isinstance(group, GroupSpec):
         raise TypeError(f"group must be a GroupSpec, got {type(group).__name__}")
     if torch.device(device).type == "xla":
-        from nxd_cp.comm.xla import XlaTransport
+        from nxd_cp.comm.xla import XlaTransport  # torch-xla is optional: imported when used
         return XlaTransport(group)
-    from nxd_cp.comm.torch_dist import TorchDistTransport
     return TorchDistTransport(group)
 
 

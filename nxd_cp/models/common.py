@@ -22,6 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from nxd_cp import layers as L
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
 from nxd_cp.models.registry import ArchitectureSpec as ArchSpec  # noqa: F401
@@ -60,8 +61,6 @@ def partition_of(module: nn.Module, name: str, param: torch.Tensor) -> Partition
     (moving to XLA makes new Parameter objects, without NxD's attributes), then from NxD's
     ``tensor_model_parallel`` / ``partition_dim`` attributes for any other TP layer.
     """
-    from nxd_cp import layers as L
-
     if isinstance(module, L.ReplicatedKVLinear):
         return Partition(kv_replicas=module.replicas)
     if isinstance(module, (L.ColumnParallelLinear, L.FallbackColumnParallelLinear)):

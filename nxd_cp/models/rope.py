@@ -25,6 +25,7 @@ from torch import nn
 
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
+from nxd_cp.models.common import set_path
 
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
@@ -67,8 +68,6 @@ class GlobalLengthRotary(nn.Module):
 def wrap_length_dependent(model: nn.Module) -> List[str]:
     """Wrap every rotary module of ``model`` whose frequencies depend on the batch's length;
     returns their paths (empty for the static types)."""
-    from nxd_cp.models.common import set_path
-
     wrapped = []
     for name, m in list(model.named_modules()):
         rope_type = getattr(m, "rope_type", None)
