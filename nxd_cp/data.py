@@ -9,6 +9,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+from nxd_cp import packing
 from nxd_cp import parallel_state as ps
 from nxd_cp.sharding import check_sequence_length, shard_sequence
 
@@ -24,7 +25,8 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     return torch.cat([labels[:, 1:], pad], dim=SEQ_DIM)
 
 
-SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids")
+SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids",
+                 packing.SEQ_IDX)
 
 
 def _sequence_length(batch: Mapping[str, Any]) -> int:
@@ -71,9 +73,17 @@ def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
        ``load_balance`` (the model's: ``transform(..., load_balance=)``); other entries are
        returned unchanged.
 
+    Packed rows (``nxd_cp.packing``: ``seq_idx``, ``cu_seq_lens_q`` or ``position_ids`` that
+    restart, as transformers' ``DataCollatorWithFlattening`` returns them): the documents are
+    found on the full row, the returned batch carries their ids as ``seq_idx`` ``[B, S/cp]``
+    (int32; the model hands them to the attention), ``position_ids`` restart at 0 for each
+    document (RoPE), no label predicts the next document, and ``load_balance="per_document"``
+    splits every document head-tail over the ranks (``nxd_cp.sharding``).
+
     Unlike NxD's function of the same name, labels are shifted at cp == 1 too (the transformed
     model never shifts), and the layout is zigzag by default (NxD: contiguous).
-    Raises ``ValueError`` when S is not divisible by 2*cp (zigzag) or cp (contiguous), when an
+    Raises ``ValueError`` when S is not divisible by 2*cp (zigzag, per_document) or cp
+    (contiguous), for malformed document descriptions (``nxd_cp.packing``), when an
     entry of ``SEQUENCE_KEYS`` is not ``[B, S, ...]`` with the same S >= 1 (e.g. 1-D
     ``input_ids``, ``labels`` shorter than ``input_ids``), or for a 4-D attention mask.
     """
@@ -89,16 +99,20 @@ def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
     check_sequence_length(seq_len, cp_size, load_balance)
 
     full = dict(batch)
+    ref = next(v for k, v in full.items() if isinstance(v, torch.Tensor)
+               and v.dim() >= 2 and v.shape[SEQ_DIM] == seq_len)
+    documents = packing.document_ids(full, ref.shape[0], seq_len)
     if isinstance(full.get("labels"), torch.Tensor):
         full["labels"] = shift_labels(full["labels"], ignore_index)
+    if documents is not None:
+        full = packing.prepare_packed_batch(full, documents, ignore_index)
     if full.get("position_ids") is None:
-        ref = next(v for k, v in full.items() if isinstance(v, torch.Tensor)
-                   and v.dim() >= 2 and v.shape[SEQ_DIM] == seq_len)
         full["position_ids"] = torch.arange(seq_len, device=ref.device).expand(ref.shape[0], -1)
 
     out = {}
     for key, value in full.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[SEQ_DIM] == seq_len:
-            value = shard_sequence(value, SEQ_DIM, cp_rank, cp_size, load_balance).contiguous()
+            value = shard_sequence(value, SEQ_DIM, cp_rank, cp_size, load_balance,
+                                   seq_idx=documents).contiguous()
         out[key] = value
     return out
