@@ -72,6 +72,12 @@ def _check_inputs(model: nn.Module, args, kwargs):
     if cfg["sequence_parallel"] and seq is not None:
         sp.check_sequence_split(seq.shape[1], ps.get_tensor_model_parallel_size())
     mask = kwargs.get("attention_mask")
+    seq_idx = kwargs.get("seq_idx")  # packed documents: reaches the attention through kwargs
+    if seq_idx is not None and seq is not None and (
+            not isinstance(seq_idx, torch.Tensor) or tuple(seq_idx.shape) != tuple(seq.shape[:2])):
+        got = tuple(seq_idx.shape) if isinstance(seq_idx, torch.Tensor) else type(seq_idx)
+        raise ValueError(f"seq_idx must be [batch, seq] = {tuple(seq.shape[:2])} like the input "
+                         f"tokens (get_batch_on_this_context_parallel_rank shards it), got {got}")
     if isinstance(mask, torch.Tensor) and mask.dim() != 2:
         raise ValueError(f"attention_mask must be 2-D [batch, seq] (1 = real token) under "
                          f"context parallelism, got shape {tuple(mask.shape)}")
@@ -85,7 +91,7 @@ def _check_inputs(model: nn.Module, args, kwargs):
         raise ValueError("position_ids is required with context_parallel_size > 1: RoPE needs "
                          "the global positions of this rank's tokens (get_batch_on_this_"
                          "context_parallel_rank adds them)")
-    chunks = 2 if cfg["load_balance"] == "zigzag" else 1
+    chunks = 2 if cfg["load_balance"] in ("zigzag", "per_document") else 1
     if x is not None and x.shape[1] % chunks:
         s = x.shape[1]
         raise ValueError(f"local sequence length {s} is not a {cfg['load_balance']} shard: the "
@@ -177,14 +183,16 @@ def transform(model: nn.Module, cp_comm_type: str = "p2p", load_balance: str = "
     unmodified model).
 
     cp_comm_type: "p2p" (ring) or "all_gather" -- how K/V travel in the CP group.
-    load_balance: "zigzag" or "contiguous" -- must be the layout the batches are sharded with.
+    load_balance: "zigzag", "contiguous" or "per_document" (packed rows) -- must be the layout
+        the batches are sharded with.
     vocab_parallel_logits: keep logits split by vocabulary over TP (``[B, S_local, V/tp]``)
         instead of gathering them; the model's loss is then computed vocab-parallel.
     sequence_parallel: sequence parallelism inside TP (see above); ``S/cp`` must divide by tp.
 
     The transformed model takes the output of ``get_batch_on_this_context_parallel_rank``:
     ``input_ids`` / ``labels`` (already shifted) / ``position_ids`` (global) /
-    ``attention_mask`` ``[B, S_local]``; ``.loss`` is the token-weighted loss of the full
+    ``attention_mask`` ``[B, S_local]`` / ``seq_idx`` (packed rows); ``.loss`` is the
+    token-weighted loss of the full
     batch, identical on every CP rank; ``.logits`` are this rank's tokens' logits.
     Raises ``ValueError`` for an unsupported architecture or sizes that do not split.
     """
