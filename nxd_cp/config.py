@@ -62,7 +62,8 @@ class ContextParallelConfig:
     """Sequence layout: ``"zigzag"`` cuts the sequence into 2*cp chunks and gives CP rank r the
     chunks r and 2*cp-1-r, so every rank does the same causal work (sequence length must be
     divisible by 2*cp); ``"contiguous"`` gives rank r the r-th of cp equal chunks (NxD's
-    layout; the last rank does most of the causal work)."""
+    layout; the last rank does most of the causal work); ``"per_document"`` (packed rows) splits
+    every document head-tail over the ranks, the balanced layout for packed documents."""
 
     def __post_init__(self) -> None:
         _check_choice("context_parallel_config['comm_type']", self.comm_type, COMM_TYPES)
@@ -289,8 +290,8 @@ def neuronx_distributed_config(
 
     Arguments are NxD's (same names, defaults and meaning; see ``NeuronxDistributedConfig``)
     plus ``context_parallel_config``, a dict with ``comm_type`` (``"p2p"`` | ``"all_gather"``,
-    default ``"p2p"``) and ``load_balance`` (``"zigzag"`` | ``"contiguous"``, default
-    ``"zigzag"``).
+    default ``"p2p"``) and ``load_balance`` (``"zigzag"`` | ``"contiguous"`` | ``"per_document"``,
+    default ``"zigzag"``).
 
     When torch.distributed is initialised, checks that the world size is divisible by
     tp * cp * pp and initialises ``nxd_cp.parallel_state`` (NxD's too, when installed), unless

@@ -31,7 +31,7 @@ CU_SEQ_LENS = ("cu_seq_lens_q", "cu_seq_lens_k")
 FLATTENED_ONLY = CU_SEQ_LENS + ("max_length_q", "max_length_k")
 
 
-def runs_to_ids(x: torch.Tensor) -> torch.Tensor:
+def _runs_to_ids(x: torch.Tensor) -> torch.Tensor:
     """Canonical ids int32 ``[B, S]``: ``0`` for the first run of equal values of each row, +1 at
     every change."""
     change = torch.zeros_like(x, dtype=torch.int32)
@@ -59,7 +59,7 @@ def _from_seq_idx(seq_idx: Any, shape) -> torch.Tensor:
         raise ValueError(f"seq_idx must be non-decreasing along each row (a document is a run of "
                          f"equal ids): row {b} goes from {int(seq_idx[b, i])} at token {i} to "
                          f"{int(seq_idx[b, i + 1])} at token {i + 1}")
-    return runs_to_ids(seq_idx)
+    return _runs_to_ids(seq_idx)
 
 
 def _from_cu_seq_lens(name: str, cu: Any, shape) -> torch.Tensor:
@@ -83,7 +83,7 @@ def _from_cu_seq_lens(name: str, cu: Any, shape) -> torch.Tensor:
         raise ValueError(f"{name} has no boundary at token {missing[0]} of the flattened batch, "
                          f"the start of row {missing[0] // s}: a document cannot span two rows")
     flat = torch.searchsorted(cu[1:], torch.arange(b * s), right=True)
-    return runs_to_ids(flat.view(b, s))
+    return _runs_to_ids(flat.view(b, s))
 
 
 def _from_position_ids(position_ids: torch.Tensor, shape) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Packed documents in CP attention on real gloo ranks against float64 SDPA with a block-diagonal mask.
+"""Packed documents in CP attention on gloo ranks vs float64 SDPA with a block-diagonal mask.
 
 Inputs are drawn on rank 0 and broadcast. Every rank shards them with the layout (zigzag,
 contiguous, or per_document, which reads the documents), runs ``context_parallel_attention``
