@@ -34,6 +34,10 @@ SECTIONS = [  # (json name, title, what it measures)
      "ranks vs one rank."),
     ("bench_gpu", "GPU", "Local kernels in TFLOP/s and one rank's zigzag schedule vs full / cp "
      "on CUDA."),
+    ("bench_packing_balance", "Packed documents: load balance",
+     "Attention work (visible query-key pairs, causal inside each document) per CP rank for "
+     "packed rows of log-normal documents: zigzag over the row vs the per-document head-tail "
+     "layouts, nxd_cp's `per_document` measured on its own shard indices."),
     ("bench_xla_graph", "XLA graph",
      "One layer's CP attention (fwd + bwd) as lowered by torch-xla: HLO size, collectives, "
      "distinct graphs over all ranks, XLA:CPU compile time and compiled peak memory, beside "
@@ -92,6 +96,13 @@ def headline(data: Dict[str, Optional[dict]]) -> List[List[str]]:
         c = max(r["max_over_mean"] for r in lb["rows"] if r["layout"] == "contiguous")
         rows.append(["load balance zigzag max/mean (contiguous for contrast)", f"<= {lb['target']}",
                      f"{z:.4f} (contiguous up to {c:.3f})", "yes" if z <= lb["target"] else "NO"])
+    pack = data.get("bench_packing_balance")
+    if pack:
+        worst = max(r["per_document_worst"] for r in pack["rows"])
+        zz = max(r["zigzag_mean"] for r in pack["rows"])
+        rows.append(["packed documents: per_document worst max/mean (zigzag mean for contrast)",
+                     "<= 1.01", f"{worst:.4f} (zigzag up to {zz:.2f})",
+                     "yes" if worst <= 1.01 else "NO"])
     eff = data["bench_cpu_efficiency"]
     if eff:
         for kernel, label in (("auto", "default kernel (CPU fused)"), ("torch", "pure torch")):

@@ -32,7 +32,7 @@ echo "results: $results"
 export OMP_NUM_THREADS=1
 
 benches=(bench_load_balance bench_comm bench_memory bench_cpu_efficiency bench_e2e_cpu bench_gpu
-         bench_xla_graph bench_sequence_parallel)
+         bench_packing_balance bench_xla_graph bench_sequence_parallel)
 declare -A extra=([bench_cpu_efficiency]="--threads 1")
 failed=()
 start=$SECONDS

@@ -12,6 +12,12 @@ Every rank of a CP group reads the same full-sequence batch (chosen by DP rank) 
 shard (``get_batch_on_this_context_parallel_rank``). With ``--check`` rank 0 also runs the
 unmodified transformers model on its first batch and compares loss and every parameter's
 gradient, then prints a summary table ending in ``PASS parity <err>`` or ``FAIL ...`` (exit 1).
+
+``--packed`` packs documents (the data's paragraphs, split at blank lines) back to back into each
+row with transformers' ``DataCollatorWithFlattening`` (``position_ids`` restarting at every
+document, ``-100`` labels at document starts); attention stays inside each document, and
+``--check`` then compares with the unmodified model run on every document separately. Use it
+with ``--load_balance per_document`` (documents split head-tail over the CP ranks).
 """
 from __future__ import annotations
 
@@ -46,7 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--tensor_parallel_size", type=int, default=1)
     p.add_argument("--context_parallel_size", type=int, default=1)
     p.add_argument("--cp_comm_type", choices=["p2p", "all_gather"], default="p2p")
-    p.add_argument("--load_balance", choices=["zigzag", "contiguous"], default="zigzag")
+    p.add_argument("--load_balance", choices=["zigzag", "contiguous", "per_document"],
+                   default="zigzag")
+    p.add_argument("--packed", action="store_true",
+                   help="pack whole documents (paragraphs) into each row; attention per document")
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--batch_size", type=int, default=1, help="sequences per DP rank")
     p.add_argument("--steps", type=int, default=10)
@@ -135,14 +144,43 @@ def load_tokens(path) -> torch.Tensor:
 
 
 def get_batch(tokens: torch.Tensor, step: int, dp_rank: int, batch_size: int, seq_len: int,
-              seed: int) -> Dict[str, torch.Tensor]:
-    """The full-sequence batch ``[B, S]`` of one DP rank at one step (same on its CP ranks)."""
+              seed: int, packed: bool = False) -> Dict[str, torch.Tensor]:
+    """The full-sequence batch ``[B, S]`` of one DP rank at one step (same on its CP ranks).
+
+    packed: each row holds whole documents from a random one on, the last cut at the row's end,
+    as ``DataCollatorWithFlattening`` builds them; the batch also holds ``"documents"`` (per
+    row, the documents' token tensors) for the per-document reference.
+    """
     if len(tokens) <= seq_len:  # a short file is repeated
         tokens = tokens.repeat(seq_len // len(tokens) + 2)
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + dp_rank)
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=g)
+    if packed:
+        return pack_documents(tokens, starts.tolist(), seq_len)
     ids = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def pack_documents(tokens: torch.Tensor, starts: List[int], seq_len: int) -> Dict[str, object]:
+    """Rows of the documents (paragraphs: split after every blank line) from the one holding
+    each start on, packed by transformers' ``DataCollatorWithFlattening``."""
+    from transformers import DataCollatorWithFlattening
+
+    blank = ((tokens[:-1] == 10) & (tokens[1:] == 10)).nonzero().flatten() + 2
+    bounds = torch.cat([torch.tensor([0]), blank, torch.tensor([len(tokens)])]).unique()
+    rows, documents = [], []
+    for start in starts:
+        d = int(torch.searchsorted(bounds, start, right=True)) - 1
+        docs, total = [], 0
+        while total < seq_len:
+            a, b = int(bounds[d % (len(bounds) - 1)]), int(bounds[d % (len(bounds) - 1) + 1])
+            docs.append(tokens[a:min(b, a + seq_len - total)])
+            total += len(docs[-1])
+            d += 1
+        rows.append(DataCollatorWithFlattening()([{"input_ids": x.tolist()} for x in docs]))
+        documents.append(docs)
+    batch = {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids")}
+    return dict(batch, documents=documents)
 
 
 # --- measurement --------------------------------------------------------------------------------
@@ -150,11 +188,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def reference_loss(model, batch):
+    """The unmodified model's loss of one batch; packed: of every document alone (no packing),
+    the documents' losses combined token-weighted."""
+    if "documents" not in batch:
+        return model(**batch).loss
+    docs = [d for row in batch["documents"] for d in row if len(d) > 1]
+    total = sum(len(d) - 1 for d in docs)
+    return sum(model(input_ids=d[None], labels=d[None]).loss * ((len(d) - 1) / total)
+               for d in docs)
+
+
 def reference_step(model, batches):
     """The unmodified model on one process: the loss of ``batches[0]`` and the gradients
     averaged over ``batches`` (one per DP rank: what DP x CP gradient reduction gives)."""
     model.zero_grad(set_to_none=True)
-    losses = [model(**b).loss for b in batches]
+    losses = [reference_loss(model, b) for b in batches]
     (sum(losses) / len(batches)).backward()
     return losses[0].detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
@@ -217,7 +266,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     summary["losses"] = {}
     for step in range(start_step, args.steps + 1):
-        full = get_batch(tokens, step, dp_rank, args.batch_size, args.seq_len, args.seed)
+        full = get_batch(tokens, step, dp_rank, args.batch_size, args.seq_len, args.seed,
+                         args.packed)
+        documents = full.pop("documents", None)
         batch = {k: v.to(device) for k, v in
                  nxd_cp.get_batch_on_this_context_parallel_rank(full).items()}
         first = step == start_step
@@ -231,11 +282,13 @@ def main(argv=None) -> int:
             else:
                 nxd_cp.allreduce_context_parallel_gradients(model)
         if first:
+            if documents is not None:
+                summary["documents_per_row"] = [len(row) for row in documents]
             summary["saved_bytes"] = saved.total
             summary["sent_bytes"] = sent.total + sent_bwd.total
             if args.check and step == 1:
                 dp_batches = [get_batch(tokens, step, d, args.batch_size, args.seq_len,
-                                        args.seed) for d in range(dp)]
+                                        args.seed, args.packed) for d in range(dp)]
                 summary.update(check_parity(model, loss, reference, dp_batches, rank))
         optimizer.step()
         scheduler.step()
@@ -317,6 +370,9 @@ def report(summary, args, rank, world) -> int:
                                          f"{summary['dp']}), comm {summary['comm']}"),
                 ("sequence length", f"{summary['seq_len']:,} tokens, "
                                     f"{summary['seq_len'] // summary['cp']:,} per CP rank"),
+                *([("packed documents per row (step 1)",
+                    " ".join(map(str, summary["documents_per_row"])))]
+                  if "documents_per_row" in summary else []),
                 ("loss first -> last step", f"{summary['first_loss']:.4f} -> "
                                             f"{summary['last_loss']:.4f}"),
                 ("saved for backward / rank (MiB)",

@@ -22,7 +22,7 @@ from nxd_cp import parallel_state as ps
 from nxd_cp.nxd_subconfigs import _check_choice, _fields_from_dict, _shallow_dict
 
 COMM_TYPES = ("p2p", "all_gather")
-LOAD_BALANCES = ("zigzag", "contiguous")
+LOAD_BALANCES = ("zigzag", "contiguous", "per_document")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class ContextParallelConfig:
     """Sequence layout: ``"zigzag"`` cuts the sequence into 2*cp chunks and gives CP rank r the
     chunks r and 2*cp-1-r, so every rank does the same causal work (sequence length must be
     divisible by 2*cp); ``"contiguous"`` gives rank r the r-th of cp equal chunks (NxD's
-    layout; the last rank does most of the causal work)."""
+    layout; the last rank does most of the causal work); ``"per_document"`` (packed rows) splits
+    every document head-tail over the ranks, the balanced layout for packed documents."""
 
     def __post_init__(self) -> None:
         _check_choice("context_parallel_config['comm_type']", self.comm_type, COMM_TYPES)

@@ -10,6 +10,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+from nxd_cp import packing
 from nxd_cp import parallel_state as ps
 from nxd_cp.config import get_context_parallel_config
 from nxd_cp.sharding import shard_sequence
@@ -33,7 +34,8 @@ def check_padding_mask(mask: Any) -> None:
                          f"context parallelism, got shape {tuple(mask.shape)}")
 
 
-SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids")
+SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids",
+                 packing.SEQ_IDX)
 
 
 def _sequence_length(batch: Mapping[str, Any]) -> int:
@@ -79,9 +81,17 @@ def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
        the active config's ``load_balance`` layout (``nxd_cp.get_context_parallel_config()``,
        the one the model's attention reads); other entries are returned unchanged.
 
+    Packed rows (``nxd_cp.packing``: ``seq_idx``, ``cu_seq_lens_q`` or ``position_ids`` that
+    restart, as transformers' ``DataCollatorWithFlattening`` returns them): the documents are
+    found on the full row, the returned batch carries their ids as ``seq_idx`` ``[B, S/cp]``
+    (int32; the model hands them to the attention), ``position_ids`` restart at 0 for each
+    document (RoPE), no label predicts the next document, and ``load_balance="per_document"``
+    splits every document head-tail over the ranks (``nxd_cp.sharding``).
+
     Unlike NxD's function of the same name, labels are shifted at cp == 1 too (the transformed
     model never shifts), and the layout is zigzag by default (NxD: contiguous).
-    Raises ``ValueError`` when S is not divisible by 2*cp (zigzag) or cp (contiguous), when an
+    Raises ``ValueError`` when S is not divisible by 2*cp (zigzag, per_document) or cp
+    (contiguous), for malformed document descriptions (``nxd_cp.packing``), when an
     entry of ``SEQUENCE_KEYS`` is not ``[B, S, ...]`` with the same S >= 1 (e.g. 1-D
     ``input_ids``, ``labels`` shorter than ``input_ids``), or for a 4-D attention mask.
     """
@@ -94,16 +104,20 @@ def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
     seq_len = _sequence_length(batch)  # shard_sequence checks that it splits into the chunks
 
     full = dict(batch)
+    ref = next(v for k, v in full.items() if isinstance(v, torch.Tensor)
+               and v.dim() >= 2 and v.shape[SEQ_DIM] == seq_len)
+    documents = packing.document_ids(full, ref.shape[0], seq_len)
     if isinstance(full.get("labels"), torch.Tensor):
         full["labels"] = shift_labels(full["labels"], ignore_index)
+    if documents is not None:
+        full = packing.prepare_packed_batch(full, documents, ignore_index)
     if full.get("position_ids") is None:
-        ref = next(v for k, v in full.items() if isinstance(v, torch.Tensor)
-                   and v.dim() >= 2 and v.shape[SEQ_DIM] == seq_len)
         full["position_ids"] = torch.arange(seq_len, device=ref.device).expand(ref.shape[0], -1)
 
     out = {}
     for key, value in full.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[SEQ_DIM] == seq_len:
-            value = shard_sequence(value, SEQ_DIM, cp_rank, cp_size, load_balance).contiguous()
+            value = shard_sequence(value, SEQ_DIM, cp_rank, cp_size, load_balance,
+                                   seq_idx=documents).contiguous()
         out[key] = value
     return out

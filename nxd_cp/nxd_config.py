@@ -263,8 +263,8 @@ def neuronx_distributed_config(
 
     Arguments are NxD's (same names, defaults and meaning; see ``NeuronxDistributedConfig``)
     plus ``context_parallel_config``, a dict with ``comm_type`` (``"p2p"`` | ``"all_gather"``,
-    default ``"p2p"``) and ``load_balance`` (``"zigzag"`` | ``"contiguous"``, default
-    ``"zigzag"``).
+    default ``"p2p"``) and ``load_balance`` (``"zigzag"`` | ``"contiguous"`` |
+    ``"per_document"``, default ``"zigzag"``).
 
     When torch.distributed is initialised, checks that the world size is divisible by
     tp * cp * pp, initialises ``nxd_cp.parallel_state`` (NxD's too, when installed) unless it

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 SCRIPTS = ("bench_load_balance", "bench_comm", "bench_memory", "bench_cpu_efficiency",
-           "bench_e2e_cpu", "bench_gpu")
+           "bench_e2e_cpu", "bench_gpu", "bench_packing_balance")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,15 @@ def test_load_balance_zigzag_is_exact(results):
             assert r["max_over_mean"] == 1.0 and r["steps_max_over_mean"] == 1.0
         else:
             assert r["max_over_mean"] > 1.4
+
+
+def test_packed_documents_per_document_layout_is_balanced(results):
+    """Work counts are integers of the library's own layout: deterministic for the seeds."""
+    proc, data = results("bench_packing_balance")
+    _table_printed(proc, data)
+    for r in data["rows"]:
+        assert r["per_document_worst"] <= 1.01, r
+        assert r["zigzag_mean"] > r["per_document_mean"], r
 
 
 def test_comm_bytes_equal_formula(results):
@@ -114,7 +123,7 @@ def test_report_writes_markdown_and_plot(results, tmp_path):
     md = (tmp_path / "performance.md").read_text()
     assert "## Headline" in md and "performance.png" in md
     for title in ("Activation memory", "Communication", "Load balance", "Compute efficiency",
-                  "End to end", "GPU"):
+                  "End to end", "GPU", "Packed documents"):
         assert title in md
     assert "benchmarks/bench_comm.py --quick" in md
     assert (tmp_path / "performance.png").stat().st_size > 10_000

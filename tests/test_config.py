@@ -113,7 +113,8 @@ BAD = [
     (dict(context_parallel_config={"comm_type": "ring"}), ValueError,
      r"context_parallel_config\['comm_type'\]='ring' .*\['p2p', 'all_gather'\]"),
     (dict(context_parallel_config={"load_balance": "random"}), ValueError,
-     r"context_parallel_config\['load_balance'\]='random' .*\['zigzag', 'contiguous'\]"),
+     r"context_parallel_config\['load_balance'\]='random' .*"
+     r"\['zigzag', 'contiguous', 'per_document'\]"),
     (dict(context_parallel_config={"comm_typ": "p2p"}), ValueError,
      r"context_parallel_config has unknown key\(s\) \['comm_typ'\].*comm_type"),
     (dict(context_parallel_config=["p2p"]), ValueError,

@@ -27,13 +27,25 @@ def run_example(tmp_path, nproc, *args, env_extra=None):
     ["--context_parallel_size", "2", "--cp_comm_type", "all_gather",
      "--load_balance", "contiguous", "--batch_size", "2"],
     ["--tensor_parallel_size", "2", "--context_parallel_size", "2", "--sequence_parallel"],
-], ids=["tp2xcp2-p2p", "cp2xdp2-allgather", "tp2xcp2-sp"])
+    # packed documents, split head-tail; --check: the unmodified model on every document alone
+    ["--tensor_parallel_size", "2", "--context_parallel_size", "2", "--packed",
+     "--load_balance", "per_document"],
+], ids=["tp2xcp2-p2p", "cp2xdp2-allgather", "tp2xcp2-sp", "tp2xcp2-packed"])
 def test_example_matches_unmodified_model(tmp_path, args):
+    if "--packed" in args:  # data of short paragraphs: several documents in every 512-token row
+        import random
+        rng = random.Random(0)
+        text = "\n\n".join("".join(rng.choice("abcdefgh ") for _ in range(rng.randint(5, 300)))
+                           for _ in range(400))
+        (tmp_path / "paragraphs.txt").write_text(text)
+        args = args + ["--data", str(tmp_path / "paragraphs.txt")]
     summary, out = run_example(tmp_path, 4, "--seq_len", "512", "--steps", "3", "--check",
                                *args)
     # the project's fp32 tolerances: the example itself fails above them.
     assert summary["loss_rel_err"] <= 1e-5 and summary["grad_rel_err"] <= 1e-4, summary
     assert "PASS parity" in out and "| loss first -> last step" in out
+    if "--packed" in args:
+        assert "| packed documents per row" in out and max(summary["documents_per_row"]) >= 2
     assert summary["last_loss"] < summary["first_loss"]  # it trains
     assert all(r["sent_bytes"] > 0 and r["saved_bytes"] > 0 for r in summary["per_rank"])
 

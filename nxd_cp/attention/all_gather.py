@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import torch
 
+from nxd_cp.attention.documents import PackedDocuments
 from nxd_cp.attention.loop import ContextParallelAttention, KVStream
 from nxd_cp.attention.parts import RankIndex
 from nxd_cp.attention.schedule import BlockTask, make_plan
@@ -30,18 +31,18 @@ def _step_order(rank: RankIndex, n: int, device) -> torch.Tensor:
 
 
 class GatherStream(KVStream):
-    """The group's K/V gathered once ``[cp, 2, B, Hkv, S_local, D]``, read in step order."""
+    """The group's K/V gathered once ``[cp, 2, B, Hkv, S_local, D]`` (keep and docs likewise),
+    read in step order."""
 
     def blocks(self):
         t, n = self.transport, self.transport.size
         order = _step_order(self.rank, n, self.kv.device)
-        kv = t.all_gather(self.kv.unsqueeze(0), 0).index_select(0, order)
-        keep = None
-        if self.keep is not None:
-            keep = t.all_gather(self.keep.unsqueeze(0), 0).index_select(0, order)
+        kv, keep, docs = (None if x is None
+                          else t.all_gather(x.unsqueeze(0), 0).index_select(0, order)
+                          for x in (self.kv, self.keep, self.docs))
         self._grads = []
         for step in range(n):
-            yield step, kv[step], None if keep is None else keep[step]
+            yield step, kv[step], *(None if x is None else x[step] for x in (keep, docs))
 
     def push_grad(self, step, dkv):
         self._grads.append(dkv)
@@ -62,9 +63,12 @@ def all_gather_schedule(cp_rank: int, cp_size: int, seq_len: int, load_balance: 
 
 def all_gather_attention(q, k, v, keep, *, transport: Transport, seq_len: int,
                          load_balance: str, causal: bool, window: Optional[int],
-                         scale: float) -> torch.Tensor:
+                         scale: float,
+                         documents: Optional[PackedDocuments] = None) -> torch.Tensor:
     """All-gather CP attention of this rank's shard; shapes as ``loop.ContextParallelAttention``."""
     plan = make_plan(transport.size, seq_len, load_balance, causal, window)
     rank = RankIndex(transport.rank_value(q.device))
+    if documents is not None:
+        documents.summarize(plan, transport, rank)
     return ContextParallelAttention.apply(q, k, v, keep, plan, GatherStream, transport, rank,
-                                          scale)
+                                          scale, documents)

@@ -17,6 +17,7 @@ import torch
 from nxd_cp.agreement import attention_signature, check_group_agreement
 from nxd_cp.attention.all_gather import all_gather_attention
 from nxd_cp.attention.dispatch import local_attention
+from nxd_cp.attention.documents import PackedDocuments, local_document_mask
 from nxd_cp.attention.ring import ring_attention
 from nxd_cp.attention.schedule import BlockMask
 from nxd_cp.comm import get_transport
@@ -65,12 +66,32 @@ def _validate(q, k, v, causal, comm_type, window_size, key_padding_mask) -> None
                              f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
 
 
+def _validate_documents(q, seq_idx, position_ids, needs_positions: bool) -> None:
+    """Shapes and dtypes of the packed-document inputs (their values: ``documents.py``)."""
+    b, s = q.shape[0], q.shape[2]
+    for name, t, batches in (("seq_idx", seq_idx, (b,)), ("position_ids", position_ids, (1, b))):
+        if t is None:
+            continue
+        if (not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != s
+                or t.shape[0] not in batches or t.is_floating_point() or t.is_complex()
+                or t.dtype == torch.bool):
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+            raise ValueError(f"{name} must be an integer tensor [B, S_local] = {(b, s)} (this "
+                             f"rank's tokens), got {got}")
+    if needs_positions and position_ids is None:
+        raise ValueError("position_ids are required with seq_idx, load_balance='per_document' "
+                         "and window_size: the sliding window inside a document reads the "
+                         "tokens' positions, which this layout does not fix")
+
+
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                causal: bool = True, comm_type: Optional[str] = None,
                                window_size: Optional[int] = None,
                                softmax_scale: Optional[float] = None,
                                load_balance: Optional[str] = None, group=None,
-                               key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                               key_padding_mask: Optional[torch.Tensor] = None,
+                               seq_idx: Optional[torch.Tensor] = None,
+                               position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact attention of this rank's sequence shard against the whole sequence of its CP group.
 
     q [B, Hq, S_local, D]; k, v [B, Hkv, S_local, D] with Hq % Hkv == 0 (K/V are exchanged with
@@ -83,6 +104,11 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     active config's (``nxd_cp.config.get_context_parallel_config()``); group: None for the CP
     group of ``parallel_state``, or a ``GroupSpec`` / ProcessGroup; key_padding_mask: bool
     [B, S_local], True for real tokens of this shard (its key part travels with K/V).
+    seq_idx: packed documents, int [B, S_local]: the document index of each of this rank's
+    tokens (non-decreasing along the full sequence, a document is a run of equal ids, as
+    ``get_batch_on_this_context_parallel_rank`` returns it); a query then sees only keys of its
+    own document. position_ids [B, S_local]: positions inside the documents (or global), read
+    only with ``load_balance="per_document"`` and a window, where they are required.
     Rows that see no key return zeros.
     """
     active = get_context_parallel_config()
@@ -90,6 +116,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     load_balance = active.load_balance if load_balance is None else load_balance
     _validate(q, k, v, causal, comm_type, window_size, key_padding_mask)
     check_load_balance(load_balance)
+    per_document = load_balance == "per_document"
     if isinstance(group, str):
         raise ValueError(f"group={group!r} must be None (the CP group of parallel_state), a "
                          "GroupSpec or a torch.distributed ProcessGroup, not a string")
@@ -98,16 +125,31 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     check_sequence_length(seq_len, spec.size, load_balance,
                           f"local sequence length {q.shape[2]} is not a {load_balance} shard: "
                           "the full sequence length")
+    # Only per_document with a window reads positions (its positions depend on the documents).
+    positions = per_document and window_size is not None and spec.size > 1
+    _validate_documents(q, seq_idx, position_ids if positions else None,
+                        positions and seq_idx is not None)
     check_group_agreement("context_parallel_attention", attention_signature(
         q, k, causal, comm_type, window_size, softmax_scale, load_balance,
-        key_padding_mask is not None), spec)  # host-side, once per signature
+        key_padding_mask is not None, seq_idx is not None), spec)  # host-side, once per signature
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if spec.size == 1:
+    if spec.size == 1:  # every layout is the identity: static positions
         mask = BlockMask(0, 0, causal=True, window=window_size) if causal else None
-        return local_attention(q, k, v, scale=scale, mask=mask, kv_keep=key_padding_mask)
+        docs = None if seq_idx is None else local_document_mask(
+            seq_idx.to(q.device), static=q.device.type != "xla")
+        return local_attention(q, k, v, scale=scale, mask=mask, kv_keep=key_padding_mask,
+                               documents=docs)
     transport = get_transport(spec, q.device)
     # The mask travels as uint8: not every backend moves bool tensors.
     keep = None if key_padding_mask is None else key_padding_mask.to(torch.uint8)
+    documents = None
+    if seq_idx is not None:
+        documents = PackedDocuments(seq_idx.to(q.device), per_document,
+                                    position_ids.to(q.device) if positions else None,
+                                    window_size if positions else None)
     algorithm = ring_attention if comm_type == "p2p" else all_gather_attention
+    # per_document runs zigzag's plan on slots; a window on data positions is the documents'.
     return algorithm(q, k, v, keep, transport=transport, seq_len=seq_len,
-                     load_balance=load_balance, causal=causal, window=window_size, scale=scale)
+                     load_balance="zigzag" if per_document else load_balance, causal=causal,
+                     window=None if positions and documents is not None else window_size,
+                     scale=scale, documents=documents)

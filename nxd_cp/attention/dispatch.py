@@ -53,29 +53,41 @@ def get_kernel(device_type: str) -> BlockKernel:
 
 
 def _select(q: Tensor, k: Tensor, v: Tensor, mask: Optional[BlockMask],
-            kv_keep: Optional[Tensor]) -> BlockKernel:
+            kv_keep: Optional[Tensor], documents=None) -> BlockKernel:
     kernel = get_kernel(q.device.type)
+    if documents is not None:  # a document term: a kernel that takes one (XLA's large tiles)
+        return kernel if getattr(kernel, "supports_documents", False) else REFERENCE_KERNEL
     return kernel if kernel.supports(q, k, mask, kv_keep) else REFERENCE_KERNEL
+
+
+def _document_kwargs(documents) -> dict:
+    # Kernels without a document term keep their signature: they get no ``documents=``.
+    return {} if documents is None else {"documents": documents}
 
 
 def block_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
                             mask: Optional[BlockMask] = None,
-                            kv_keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                            kv_keep: Optional[Tensor] = None,
+                            documents=None) -> Tuple[Tensor, Tensor]:
     """Attention of one Q block over one KV block, as a partial result for LSE merging.
 
     ``q`` ``[B, Hq, Sq, D]``, ``k``/``v`` ``[B, Hkv, Sk, D]`` (``Hq % Hkv == 0``; K/V are not
     repeated by the caller). ``mask`` None: every key visible. ``kv_keep``: optional bool
-    ``[B, Sk]``, True = the key may be attended. Returns ``out`` fp32 ``[B, Hq, Sq, D]`` and
-    ``lse`` fp32 ``[B, Hq, Sq]``, the natural-log logsumexp of ``scale * q.k`` over the visible
-    keys. Rows with no visible key: ``out = 0``, ``lse = -inf``. Dispatches on ``q.device.type``.
+    ``[B, Sk]``, True = the key may be attended. ``documents``: optional
+    ``documents.DocumentMask`` (packed documents), ANDed too. Returns ``out`` fp32
+    ``[B, Hq, Sq, D]`` and ``lse`` fp32 ``[B, Hq, Sq]``, the natural-log logsumexp of
+    ``scale * q.k`` over the visible keys. Rows with no visible key: ``out = 0``,
+    ``lse = -inf``. Dispatches on ``q.device.type``.
     """
-    kernel = _select(q, k, v, mask, kv_keep)
-    return kernel.forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep)
+    kernel = _select(q, k, v, mask, kv_keep, documents)
+    return kernel.forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep,
+                          **_document_kwargs(documents))
 
 
 def block_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                              lse: Tensor, *, scale: float, mask: Optional[BlockMask] = None,
-                             kv_keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                             kv_keep: Optional[Tensor] = None,
+                             documents=None) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of one (Q block, KV block) pair, FlashAttention-style recompute.
 
     ``out`` fp32 ``[B, Hq, Sq, D]`` and ``lse`` fp32 ``[B, Hq, Sq]`` are the final *merged*
@@ -84,35 +96,39 @@ def block_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     ``v`` (``dk``/``dv`` summed over the query heads of each KV head). Rows with
     ``lse = -inf`` contribute nothing.
     """
-    kernel = _select(q, k, v, mask, kv_keep)
-    return kernel.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, kv_keep=kv_keep)
+    kernel = _select(q, k, v, mask, kv_keep, documents)
+    return kernel.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, kv_keep=kv_keep,
+                           **_document_kwargs(documents))
 
 
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, mask, kv_keep):
-        out, lse = block_attention_forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep)
+    def forward(ctx, q, k, v, scale, mask, kv_keep, documents=None):
+        out, lse = block_attention_forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep,
+                                           documents=documents)
         # Saved in the input dtype (as the CP paths and FlashAttention do) and in [B, S, H, D]
         # memory order (see merge.empty_accumulators).
         b, h, s, d = q.shape
         out = q.new_empty((b, s, h, d)).transpose(1, 2).copy_(out)
         ctx.save_for_backward(q, k, v, out, lse, kv_keep)
-        ctx.scale, ctx.mask = scale, mask
+        ctx.scale, ctx.mask, ctx.documents = scale, mask, documents
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, kv_keep = ctx.saved_tensors
         dq, dk, dv = block_attention_backward(dout, q, k, v, out, lse, scale=ctx.scale,
-                                              mask=ctx.mask, kv_keep=kv_keep)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+                                              mask=ctx.mask, kv_keep=kv_keep,
+                                              documents=ctx.documents)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
-                    mask: Optional[BlockMask] = None, kv_keep: Optional[Tensor] = None) -> Tensor:
+                    mask: Optional[BlockMask] = None, kv_keep: Optional[Tensor] = None,
+                    documents=None) -> Tensor:
     """Differentiable attention of one block, ``out`` ``[B, Hq, Sq, D]`` in ``q.dtype``.
 
     Shapes and masks as ``block_attention_forward``; ``scale`` None means ``1/sqrt(D)``.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _LocalAttention.apply(q, k, v, scale, mask, kv_keep)
+    return _LocalAttention.apply(q, k, v, scale, mask, kv_keep, documents)

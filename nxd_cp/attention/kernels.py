@@ -3,8 +3,9 @@
 Layouts: ``q`` ``[B, Hq, Sq, D]``, ``k``/``v`` ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0``; query
 head ``h`` reads KV head ``h // (Hq // Hkv)`` (the ``repeat_interleave`` convention of SDPA's
 ``enable_gqa``). ``out`` fp32 ``[B, Hq, Sq, D]``, ``lse`` fp32 ``[B, Hq, Sq]`` (natural log).
-Which keys a query sees comes from global positions (``BlockMask``, static ints or device data)
-and an optional key-padding mask ``kv_keep`` bool ``[B, Sk]``.
+Which keys a query sees comes from global positions (``BlockMask``, static ints or device data),
+an optional key-padding mask ``kv_keep`` bool ``[B, Sk]`` and, for packed documents, an optional
+``documents`` term (``documents.DocumentMask``: same document, data), all ANDed.
 
 ``TorchBlockKernel`` is the reference, the CPU fallback and — with large tiles — the XLA kernel
 (``dispatch.XLA_BLOCK``): on XLA every tile is unrolled into the graph, so large tiles keep the
@@ -57,7 +58,12 @@ def _cat(parts, dim: int) -> Tensor:
 
 
 class BlockKernel(Protocol):
-    """What ``register_kernel`` accepts; signatures as ``block_attention_forward/backward``."""
+    """What ``register_kernel`` accepts; signatures as ``block_attention_forward/backward``.
+
+    A kernel with ``supports_documents = True`` also takes ``documents=`` (a ``DocumentMask``
+    or None) in ``forward`` / ``backward``; the others never see a document term (the
+    dispatcher runs those blocks on the reference kernel).
+    """
 
     def supports(self, q: Tensor, k: Tensor, mask: Optional[BlockMask],
                  kv_keep: Optional[Tensor]) -> bool: ...
@@ -82,6 +88,8 @@ class TorchBlockKernel:
     GQA: the ``G = Hq // Hkv`` query heads of a KV head are stacked along the row dim of one
     matmul against that KV head, so K/V are never repeated.
     """
+
+    supports_documents = True
 
     def __init__(self, tile_q: int = DEFAULT_TILE_Q, tile_k: int = DEFAULT_TILE_K):
         if tile_q < 1 or tile_k < 1:
@@ -110,14 +118,14 @@ class TorchBlockKernel:
     @staticmethod
     def _scores(qt: Tensor, kt: Tensor, scale: float, groups: int, vis: Visibility,
                 mask: Optional[BlockMask], kv_keep: Optional[Tensor],
-                q0: int, q1: int, k0: int, k1: int) -> Tensor:
+                q0: int, q1: int, k0: int, k1: int, documents=None) -> Tensor:
         """Scaled scores fp32 ``[B, Hkv, G*tq, tk]`` with invisible entries at ``-inf``.
 
         ``qt`` fp32 ``[B, Hkv, G*tq, D]`` (rows ordered (group, position)), ``kt`` fp32
         ``[B, Hkv, tk, D]``; ``q0..k1`` are block-local tile bounds.
         """
         s = torch.matmul(qt, kt.transpose(-1, -2)) * scale
-        if vis is Visibility.FULL and kv_keep is None:
+        if vis is Visibility.FULL and kv_keep is None and documents is None:
             return s
         s = s.unflatten(2, (groups, q1 - q0))  # [B, Hkv, G, tq, tk]
         visible = None
@@ -126,11 +134,14 @@ class TorchBlockKernel:
         if kv_keep is not None:
             keep = kv_keep[:, k0:k1].reshape(kv_keep.shape[0], 1, 1, 1, k1 - k0)
             visible = keep if visible is None else keep & visible
+        if documents is not None:  # packed documents: same document (and window on positions)
+            same = documents.visible(q0, q1, k0, k1)
+            visible = same if visible is None else same & visible
         return torch.where(visible, s, _NEG_INF).flatten(2, 3)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float,
-                mask: Optional[BlockMask] = None,
-                kv_keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                mask: Optional[BlockMask] = None, kv_keep: Optional[Tensor] = None,
+                documents=None) -> Tuple[Tensor, Tensor]:
         """See ``block_attention_forward``."""
         b, hq, _, d = q.shape
         hkv = k.shape[1]
@@ -142,7 +153,8 @@ class TorchBlockKernel:
             rows = qt.shape[2]
             row_max = row_sum = acc = None
             for k0, k1, vis in ktiles:
-                s = self._scores(qt, kf[:, :, k0:k1], scale, g, vis, mask, kv_keep, q0, q1, k0, k1)
+                s = self._scores(qt, kf[:, :, k0:k1], scale, g, vis, mask, kv_keep, q0, q1, k0, k1,
+                                 documents)
                 new_max = s.amax(-1) if row_max is None else torch.maximum(row_max, s.amax(-1))
                 # Rows that see no key have max -inf: shift them by the lowest float instead
                 # (exp still gives 0, and lse = shift + log(0) = -inf).
@@ -173,7 +185,8 @@ class TorchBlockKernel:
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  *, scale: float, mask: Optional[BlockMask] = None,
-                 kv_keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                 kv_keep: Optional[Tensor] = None,
+                 documents=None) -> Tuple[Tensor, Tensor, Tensor]:
         """See ``block_attention_backward``."""
         hkv = k.shape[1]
         g = q.shape[1] // hkv
@@ -192,7 +205,7 @@ class TorchBlockKernel:
             dq_t = torch.zeros_like(qt)
             for k0, k1, vis in ktiles:
                 kt, vt = kf[:, :, k0:k1], vf[:, :, k0:k1]
-                s = self._scores(qt, kt, scale, g, vis, mask, kv_keep, q0, q1, k0, k1)
+                s = self._scores(qt, kt, scale, g, vis, mask, kv_keep, q0, q1, k0, k1, documents)
                 p = torch.exp(s - lse_t)  # [B, Hkv, G*tq, tk]
                 ds = p * (torch.matmul(dot, vt.transpose(-1, -2)) - delta_t)
                 dq_t = dq_t + torch.matmul(ds, kt)

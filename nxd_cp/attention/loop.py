@@ -8,8 +8,10 @@ and reads its copy (``all_gather.GatherStream``).
 
 Shapes: q ``[B, Hq, S_local, D]``; k, v ``[B, Hkv, S_local, D]`` packed as kv
 ``[2, B, Hkv, S_local, D]`` (only the real Hkv heads travel); keep None or uint8
-``[B, S_local]`` (1 = real key), travelling with its K/V. Saved for backward: local q, k, v,
-out (input dtype) and the fp32 lse; the visiting K/V are fetched again in backward.
+``[B, S_local]`` (1 = real key), travelling with its K/V; packed documents (``documents.py``):
+docs None or int32 ``[N, B, S_local]`` (document ids, positions), travelling the same way.
+Saved for backward: local q, k, v, out (input dtype) and the fp32 lse; the visiting K/V are
+fetched again in backward.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from nxd_cp.attention.dispatch import block_attention_backward, block_attention_forward
+from nxd_cp.attention.documents import PackedDocuments
 from nxd_cp.attention.parts import Part, PartAccumulator, RankIndex, merge_part, take
 from nxd_cp.attention.schedule import ALL
 from nxd_cp.attention.schedule import Plan
@@ -29,11 +32,12 @@ class KVStream:
     """How the visiting K/V shards arrive (``blocks``) and how their gradients go home."""
 
     def __init__(self, transport: Transport, rank: RankIndex, kv: Tensor,
-                 keep: Optional[Tensor]):
+                 keep: Optional[Tensor], docs: Optional[Tensor] = None):
         self.transport, self.rank, self.kv, self.keep = transport, rank, kv, keep
+        self.docs = docs
 
-    def blocks(self) -> Iterator[Tuple[int, Tensor, Optional[Tensor]]]:
-        """Yield ``(step, kv, keep)`` for every step, in ring order."""
+    def blocks(self) -> Iterator[Tuple[int, Tensor, Optional[Tensor], Optional[Tensor]]]:
+        """Yield ``(step, kv, keep, docs)`` for every step, in ring order."""
         raise NotImplementedError
 
     def push_grad(self, step: int, dkv: Tensor) -> None:
@@ -49,24 +53,32 @@ def _keep(keep: Optional[Tensor], part, plan: Plan) -> Optional[Tensor]:
     return None if keep is None else take(keep, 1, part, plan).bool()
 
 
-def _calls(rank: RankIndex, plan: Plan, products) -> List[Tuple[List[Tuple[Part, Part]], Any]]:
-    """Kernel calls of one step: ``([(q part, kv part), ...], mask)``.
+def _calls(rank: RankIndex, plan: Plan, products, documents: Optional[PackedDocuments] = None,
+           step: int = 0) -> List[Tuple[List[Tuple[Part, Part]], Any, bool]]:
+    """Kernel calls of one step: ``([(q part, kv part), ...], mask, document term?)``.
 
     With the rank as device data, unmasked products of equal shapes (the two half-by-half
     products of a zigzag causal step) run as one call, stacked on the batch dim: one kernel in
-    the graph per step instead of two. With a Python-int rank every product is its own call.
+    the graph per step instead of two. With a Python-int rank every product is its own call,
+    and with packed documents one that shares no document with its K/V part is skipped.
     """
     resolved = [r for r in (rank.resolve(p, plan) for p in products) if r is not None]
     if rank.is_static:
-        return [([(qp, kp)], mask) for qp, kp, mask in resolved]
+        calls = []
+        for qp, kp, mask in resolved:
+            term = (False if documents is None
+                    else documents.classify(step, qp, kp, rank, plan.cp_size))
+            if term is not None:
+                calls.append(([(qp, kp)], mask, term))
+        return calls
     calls, stackable = [], {}
     for qp, kp, mask in resolved:
         whole = (isinstance(qp, int) and qp == ALL, isinstance(kp, int) and kp == ALL)
         if mask is None:
             stackable.setdefault(whole, []).append((qp, kp))
         else:
-            calls.append(([(qp, kp)], mask))
-    return [(pairs, None) for pairs in stackable.values()] + calls
+            calls.append(([(qp, kp)], mask, documents is not None))
+    return [(pairs, None, documents is not None) for pairs in stackable.values()] + calls
 
 
 def _stack(parts: List[Tensor]) -> Tensor:
@@ -77,37 +89,40 @@ def _unstack(x: Tensor, n: int) -> Tuple[Tensor, ...]:
     return (x,) if n == 1 else x.chunk(n, dim=0)
 
 
-def forward_blocks(q: Tensor, plan: Plan, stream: KVStream, scale: float) -> Tuple[Tensor, Tensor]:
+def forward_blocks(q: Tensor, plan: Plan, stream: KVStream, scale: float,
+                   documents: Optional[PackedDocuments] = None) -> Tuple[Tensor, Tensor]:
     """out fp32 ``[B, Hq, S_local, D]`` and lse fp32 ``[B, Hq, S_local]``."""
     b, h, _, d = q.shape
     c = plan.part_len
     out = PartAccumulator(plan, 2, lambda: q.new_zeros((b, h, c, d), dtype=torch.float32))
     lse = PartAccumulator(plan, 2, lambda: q.new_full((b, h, c), float("-inf"),
                                                       dtype=torch.float32))
-    for step, kv, keep in stream.blocks():
-        for pairs, mask in _calls(stream.rank, plan, plan.steps[step]):
+    for step, kv, keep, docs in stream.blocks():
+        for pairs, mask, term in _calls(stream.rank, plan, plan.steps[step], documents, step):
             o, l = block_attention_forward(
                 _stack([take(q, 2, qp, plan) for qp, _ in pairs]),
                 _stack([take(kv[0], 2, kp, plan) for _, kp in pairs]),
                 _stack([take(kv[1], 2, kp, plan) for _, kp in pairs]), scale=scale, mask=mask,
                 kv_keep=None if keep is None else _stack([_keep(keep, kp, plan)
-                                                          for _, kp in pairs]))
+                                                          for _, kp in pairs]),
+                documents=documents.mask(pairs, docs, plan) if term else None)
             for (qp, _), o_i, l_i in zip(pairs, _unstack(o, len(pairs)), _unstack(l, len(pairs))):
                 merge_part(out, lse, o_i, l_i, qp)
     return out.value(), lse.value()
 
 
 def backward_blocks(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, plan: Plan,
-                    stream: KVStream, scale: float) -> Tuple[Tensor, Tensor]:
+                    stream: KVStream, scale: float,
+                    documents: Optional[PackedDocuments] = None) -> Tuple[Tensor, Tensor]:
     """fp32 dq ``[B, Hq, S_local, D]`` and dkv ``[2, B, Hkv, S_local, D]`` of the local shard."""
     b, hq, _, d = q.shape
     hkv, c = stream.kv.shape[2], plan.part_len
     dq = PartAccumulator(plan, 2, lambda: q.new_zeros((b, hq, c, d), dtype=torch.float32))
-    for step, kv, keep in stream.blocks():
+    for step, kv, keep, docs in stream.blocks():
         dk, dv = (PartAccumulator(plan, 2, lambda: q.new_zeros((b, hkv, c, d),
                                                                dtype=torch.float32))
                   for _ in range(2))
-        for pairs, mask in _calls(stream.rank, plan, plan.steps[step]):
+        for pairs, mask, term in _calls(stream.rank, plan, plan.steps[step], documents, step):
             qs = [qp for qp, _ in pairs]
             ks = [kp for _, kp in pairs]
             grads = block_attention_backward(
@@ -117,7 +132,8 @@ def backward_blocks(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, plan: Pla
                 _stack([take(kv[1], 2, p, plan) for p in ks]),
                 _stack([take(out, 2, p, plan) for p in qs]),
                 _stack([take(lse, 2, p, plan) for p in qs]), scale=scale, mask=mask,
-                kv_keep=None if keep is None else _stack([_keep(keep, p, plan) for p in ks]))
+                kv_keep=None if keep is None else _stack([_keep(keep, p, plan) for p in ks]),
+                documents=documents.mask(pairs, docs, plan) if term else None)
             dq_s, dk_s, dv_s = (_unstack(g, len(pairs)) for g in grads)
             for i, (qp, kp) in enumerate(pairs):
                 dq.add(qp, dq_s[i])
@@ -132,22 +148,25 @@ class ContextParallelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, keep, plan: Plan, stream_cls, transport: Transport,
-                rank: RankIndex, scale: float):
-        stream = stream_cls(transport, rank, torch.stack([k, v]), keep)
-        out32, lse = forward_blocks(q, plan, stream, scale)
+                rank: RankIndex, scale: float, documents: Optional[PackedDocuments] = None):
+        docs = None if documents is None else documents.docs
+        stream = stream_cls(transport, rank, torch.stack([k, v]), keep, docs)
+        out32, lse = forward_blocks(q, plan, stream, scale, documents)
         # Kept in the input dtype and in [B, S, H, D] memory order: transformers turns the
         # output into [B, S, H, D] with transpose(1, 2).contiguous(), which is then free
         # instead of a second copy of the output kept for backward.
         b, h, s, d = q.shape
         out = q.new_empty((b, s, h, d)).transpose(1, 2).copy_(out32)
         ctx.save_for_backward(q, k, v, out, lse, *([] if keep is None else [keep]))
-        ctx.args = (plan, stream_cls, transport, rank, scale)
+        ctx.args = (plan, stream_cls, transport, rank, scale, documents)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, *rest = ctx.saved_tensors
-        plan, stream_cls, transport, rank, scale = ctx.args
-        stream = stream_cls(transport, rank, torch.stack([k, v]), rest[0] if rest else None)
-        dq, dkv = backward_blocks(dout, q, out, lse, plan, stream, scale)
-        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 6
+        plan, stream_cls, transport, rank, scale, documents = ctx.args
+        docs = None if documents is None else documents.docs
+        stream = stream_cls(transport, rank, torch.stack([k, v]), rest[0] if rest else None,
+                            docs)
+        dq, dkv = backward_blocks(dout, q, out, lse, plan, stream, scale, documents)
+        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 7

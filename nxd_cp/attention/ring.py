@@ -3,7 +3,8 @@
 At step ``i`` CP rank ``r`` holds the K/V shard of rank ``(r - i) mod cp`` and runs the plan's
 products of that step (``schedule.make_plan``); the shift that brings the next shard starts
 before the current block is computed, so the transfer overlaps compute. Only the real ``Hkv``
-heads travel (K and V packed in one buffer, the key-padding mask beside it). With zigzag +
+heads travel (K and V packed in one buffer, the key-padding mask and the document ids of packed
+rows beside it). With zigzag +
 causal every step after the first is two half-by-half products on every rank: the second Q half
 against the first KV half, and Q half ``p`` against KV half ``p`` with ``p = 0`` if the source
 precedes this rank, else 1 — half a block per step, the same shapes on every rank.
@@ -17,6 +18,7 @@ from typing import List, Optional
 
 import torch
 
+from nxd_cp.attention.documents import PackedDocuments
 from nxd_cp.attention.loop import ContextParallelAttention, KVStream
 from nxd_cp.attention.schedule import BlockTask, make_plan
 from nxd_cp.comm.base import Transport
@@ -24,19 +26,20 @@ from nxd_cp.attention.parts import RankIndex
 
 
 class RingStream(KVStream):
-    """K/V (and keep) shifted one rank along the ring per step; dK/dV travel along with them."""
+    """K/V (keep, docs) shifted one rank along the ring per step; dK/dV travel along with them."""
 
     def blocks(self):
-        n, kv, keep = self.transport.size, self.kv, self.keep
+        n, kv, keep, docs = self.transport.size, self.kv, self.keep, self.docs
         self._dkv_in_flight = None
         for step in range(n):
             if step + 1 < n:
                 next_kv = self.transport.ring_shift_start(kv)
-                next_keep = None if keep is None else self.transport.ring_shift_start(keep)
-            yield step, kv, keep
+                next_keep, next_docs = (None if x is None else self.transport.ring_shift_start(x)
+                                        for x in (keep, docs))
+            yield step, kv, keep, docs
             if step + 1 < n:
                 kv = next_kv.wait()
-                keep = None if next_keep is None else next_keep.wait()
+                keep, docs = (None if x is None else x.wait() for x in (next_keep, next_docs))
 
     def push_grad(self, step, dkv):
         # The dK/dV of the block held now travel on with it: add what arrived, pass it on.
@@ -55,8 +58,12 @@ def ring_schedule(cp_rank: int, cp_size: int, seq_len: int, load_balance: str, c
 
 
 def ring_attention(q, k, v, keep, *, transport: Transport, seq_len: int, load_balance: str,
-                   causal: bool, window: Optional[int], scale: float) -> torch.Tensor:
+                   causal: bool, window: Optional[int], scale: float,
+                   documents: Optional[PackedDocuments] = None) -> torch.Tensor:
     """Ring CP attention of this rank's shard; shapes as ``loop.ContextParallelAttention``."""
     plan = make_plan(transport.size, seq_len, load_balance, causal, window)
     rank = RankIndex(transport.rank_value(q.device))
-    return ContextParallelAttention.apply(q, k, v, keep, plan, RingStream, transport, rank, scale)
+    if documents is not None:
+        documents.summarize(plan, transport, rank)
+    return ContextParallelAttention.apply(q, k, v, keep, plan, RingStream, transport, rank, scale,
+                                          documents)

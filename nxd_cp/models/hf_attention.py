@@ -9,6 +9,11 @@ own code (projections, RoPE at the batch's global ``position_ids``) is unchanged
 rank's tokens unchanged (``[B, S_local]`` bool, True = real token), instead of a 4-D mask of
 local length, which would be wrong: the causal / sliding-window structure is between *global*
 positions and is applied by ``context_parallel_attention`` from the layout and the config.
+
+Packed rows: the model's ``**kwargs`` reach the attention function unchanged (transformers'
+``TransformersKwargs`` path, which its flash-attention varlen kwargs use too), so the batch's
+``seq_idx`` ``[B, S_local]`` (``get_batch_on_this_context_parallel_rank``) arrives here with the
+layer's ``position_ids`` and is handed to ``context_parallel_attention``.
 """
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ def cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     """transformers' attention-function signature on top of ``context_parallel_attention``.
 
     query ``[B, Hq_local, S_local, D]``, key/value ``[B, Hkv_local, S_local, D]`` (this rank's
-    heads and tokens, RoPE applied), attention_mask ``[B, S_local]`` bool or None.
+    heads and tokens, RoPE applied), attention_mask ``[B, S_local]`` bool or None; kwargs
+    ``seq_idx`` / ``position_ids`` ``[B, S_local]`` for packed documents.
     Returns ``([B, S_local, Hq_local, D], None)`` as transformers expects.
     """
     cfg = getattr(module, MODULE_ATTR, None)
@@ -59,7 +65,9 @@ def cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         attention_mask = attention_mask.to(torch.bool)
     out = context_parallel_attention(query, key, value, causal=True,
                                      window_size=cfg.window_size, softmax_scale=scaling,
-                                     key_padding_mask=attention_mask)
+                                     key_padding_mask=attention_mask,
+                                     seq_idx=kwargs.get("seq_idx"),
+                                     position_ids=kwargs.get("position_ids"))
     return out.transpose(1, 2).contiguous(), None
 
 

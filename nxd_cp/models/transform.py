@@ -83,6 +83,12 @@ def _check_inputs(model: nn.Module, args, kwargs):
     seq = kwargs.get("inputs_embeds") if seq is None else seq
     if seq_par and seq is not None:
         sp.check_sequence_split(seq.shape[1], ps.get_tensor_model_parallel_size())
+    seq_idx = kwargs.get("seq_idx")  # packed documents: reaches the attention through kwargs
+    if seq_idx is not None and seq is not None and (
+            not isinstance(seq_idx, torch.Tensor) or tuple(seq_idx.shape) != tuple(seq.shape[:2])):
+        got = tuple(seq_idx.shape) if isinstance(seq_idx, torch.Tensor) else type(seq_idx)
+        raise ValueError(f"seq_idx must be [batch, seq] = {tuple(seq.shape[:2])} like the input "
+                         f"tokens (get_batch_on_this_context_parallel_rank shards it), got {got}")
     if ps.get_context_model_parallel_size() > 1 and kwargs.get("position_ids") is None:
         raise ValueError("position_ids is required with context_parallel_size > 1: RoPE needs "
                          "the global positions of this rank's tokens (get_batch_on_this_"
@@ -205,7 +211,8 @@ def transform(model: nn.Module, config: Optional[Mapping] = None, *,
 
     The transformed model takes the output of ``get_batch_on_this_context_parallel_rank``:
     ``input_ids`` / ``labels`` (already shifted) / ``position_ids`` (global) /
-    ``attention_mask`` ``[B, S_local]``; ``.loss`` is the token-weighted loss of the full
+    ``attention_mask`` ``[B, S_local]`` / ``seq_idx`` (packed rows); ``.loss`` is the
+    token-weighted loss of the full
     batch, identical on every CP rank; ``.logits`` are this rank's tokens' logits.
     Raises ``ValueError`` for an unsupported architecture or sizes that do not split.
     """

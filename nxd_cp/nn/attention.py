@@ -31,8 +31,9 @@ class ContextParallelAttention(nn.Module):
     heads, never repeated), this rank's tokens in the ``load_balance`` layout
     (``get_batch_on_this_context_parallel_rank`` / ``shard_sequence``), positional encoding
     already applied at global positions. key_padding_mask ``[B, S_local]`` (bool, or 0/1
-    integers as HF attention masks), true for real tokens. Returns ``[B, Hq, S_local, D]`` in
-    q's dtype; query rows that see no key are zeros.
+    integers as HF attention masks), true for real tokens. seq_idx / position_ids
+    ``[B, S_local]``: packed documents (``context_parallel_attention``). Returns
+    ``[B, Hq, S_local, D]`` in q's dtype; query rows that see no key are zeros.
     """
 
     def __init__(self, config: ConfigLike = None, *, causal: bool = True,
@@ -48,7 +49,9 @@ class ContextParallelAttention(nn.Module):
         self.softmax_scale, self.group = softmax_scale, group
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                key_padding_mask: Optional[torch.Tensor] = None,
+                seq_idx: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.config is not None:
             require_active(self.config, "this ContextParallelAttention")
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
@@ -56,7 +59,7 @@ class ContextParallelAttention(nn.Module):
         return context_parallel_attention(
             q, k, v, causal=self.causal, window_size=self.window_size,
             softmax_scale=self.softmax_scale, group=self.group,
-            key_padding_mask=key_padding_mask)
+            key_padding_mask=key_padding_mask, seq_idx=seq_idx, position_ids=position_ids)
 
     def extra_repr(self) -> str:
         config = "active" if self.config is None else self.config

@@ -1,0 +1,150 @@
+"""Packed rows through ``transform``ed Llama / Mistral vs the unmodified model run per document.
+
+Batches are built with transformers' own ``DataCollatorWithFlattening`` (one call per row:
+``input_ids``, ``labels`` with -100 at every document start, ``position_ids`` restarting at 0;
+optionally ``seq_idx`` or ``cu_seq_lens_q``), two rows of 256 tokens with different documents:
+one-token documents, documents shorter than a chunk, a document that spans every CP rank, and a
+row ending in padding (``attention_mask`` 0). The three input formats are cycled over the cases.
+
+Reference (nobody here wrote it): the unmodified transformers model in fp32 run on rank 0 on
+each document *separately* (no packing), the documents' mean losses combined token-weighted and
+their gradients summed accordingly. (transformers' SDPA on a packed row is not a reference.)
+The CP model gets ``get_batch_on_this_context_parallel_rank`` of the packed batch.
+
+One 4-rank spawn runs TP2xCP2 and TP1xCP4; zigzag, per_document (and contiguous once); p2p and
+all_gather; Mistral with a sliding window (48) shorter than its documents. Tolerances: loss 1e-5
+relative on every rank, every parameter's gradient 1e-4 norm-wise relative (the fp32 standard).
+"""
+import torch
+
+from nxd_cp.testing import run_ranks
+from test_models import make_model, rel
+
+SEQ = 256
+# Document lengths per row; row 1 ends in PAD padding tokens.
+ROWS = ([1, 7, 150, 1, 1, 30, 66], [90, 10, 140])
+PAD = 16
+FORMATS = ("position_ids", "seq_idx", "cu_seq_lens")
+
+
+def documents(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randint(1, 256, (n,), generator=g) for n in row] for row in ROWS]
+
+
+def packed_batch(docs, fmt):
+    """The packed batch [2, SEQ] as DataCollatorWithFlattening builds it (row by row)."""
+    from transformers import DataCollatorWithFlattening
+
+    collator = DataCollatorWithFlattening(return_seq_idx=fmt == "seq_idx",
+                                          return_flash_attn_kwargs=fmt == "cu_seq_lens",
+                                          return_position_ids=fmt != "cu_seq_lens")
+    rows = [collator([{"input_ids": d.tolist()} for d in row]) for row in docs]
+    pad = SEQ - rows[1]["input_ids"].shape[1]
+    assert pad == PAD and rows[0]["input_ids"].shape[1] == SEQ
+    tail = {"input_ids": torch.zeros(1, pad, dtype=torch.long),
+            "labels": torch.full((1, pad), -100), "position_ids": torch.arange(pad)[None],
+            "seq_idx": torch.full((1, pad), len(docs[1]), dtype=torch.int32)}
+    batch = {}
+    for key in ("input_ids", "labels", "position_ids", "seq_idx"):
+        if key in rows[0]:
+            batch[key] = torch.cat([rows[0][key], torch.cat([rows[1][key], tail[key]], 1)])
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, SEQ - pad:] = 0
+    batch["attention_mask"] = mask
+    if fmt == "cu_seq_lens":  # over the flattened batch; the padding is a document of its own
+        # (no position_ids: the data function makes them restart at every document)
+        lengths = [n for row in ROWS for n in row] + [pad]
+        batch["cu_seq_lens_q"] = torch.cumsum(torch.tensor([0] + lengths), 0).int()
+        batch["cu_seq_lens_k"] = batch["cu_seq_lens_q"].clone()
+        batch["max_length_q"] = batch["max_length_k"] = max(lengths)
+    return batch
+
+
+def reference(arch, docs):
+    """Rank 0: the unmodified model on every document alone; loss and gradients of the
+    token-weighted mean over all documents."""
+    model = make_model(arch)
+    counts = [len(d) - 1 for row in docs for d in row]
+    total = sum(counts)
+    loss = 0.0
+    for d, n in zip((d for row in docs for d in row), counts):
+        if n == 0:  # a one-token document predicts nothing
+            continue
+        loss = loss + model(input_ids=d[None], labels=d[None]).loss * (n / total)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def run_case(arch, comm, layout, fmt, docs, ref, drop_documents=False):
+    import torch.distributed as dist
+    from nxd_cp.data import get_batch_on_this_context_parallel_rank
+    from nxd_cp.grads import allreduce_context_parallel_gradients
+    from nxd_cp.models import full_gradients, transform
+    from nxd_cp.testing import activate_config
+
+    model = transform(make_model(arch), activate_config(comm, layout))
+    batch = get_batch_on_this_context_parallel_rank(packed_batch(docs, fmt))
+    if drop_documents:  # negative control: attention across documents
+        batch.pop("seq_idx")
+    out = model(**batch)
+    out.loss.backward()
+    allreduce_context_parallel_gradients(model)
+    grads = full_gradients(model)
+    res = {"loss": out.loss.item(), "keys": sorted(batch)}
+    if dist.get_rank() == 0:
+        ref_loss, ref_grads = ref
+        res["loss_err"] = abs(res["loss"] - ref_loss) / abs(ref_loss)
+        res["grad_err"] = {n: rel(grads[n], g) for n, g in ref_grads.items()}
+    return res
+
+
+PLANS = {
+    (2, 2): [(a, c, lb) for a in ("llama", "mistral") for c in ("p2p", "all_gather")
+             for lb in ("zigzag", "per_document")],
+    (1, 4): [("llama", "p2p", "per_document"), ("mistral", "all_gather", "per_document"),
+             ("llama", "all_gather", "zigzag"), ("mistral", "p2p", "contiguous")],
+}
+
+
+def world(rank, world_size):
+    import torch.distributed as dist
+    from nxd_cp import parallel_state as ps
+
+    docs = documents()
+    refs = {a: reference(a, docs) if dist.get_rank() == 0 else None for a in ("llama", "mistral")}
+    results, n = {}, 0
+    for (tp, cp), cases in PLANS.items():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+        for arch, comm, layout in cases:
+            fmt = FORMATS[n % len(FORMATS)]
+            n += 1
+            results[f"tp{tp}cp{cp}-{arch}-{comm}-{layout}-{fmt}"] = run_case(
+                arch, comm, layout, fmt, docs, refs[arch])
+        if (tp, cp) == (2, 2):
+            results["control"] = run_case("llama", "p2p", "zigzag", "seq_idx", docs,
+                                          refs["llama"], drop_documents=True)
+        ps.destroy_model_parallel()
+    return results
+
+
+def test_packed_training_matches_per_document_reference():
+    results = run_ranks(world, 4, timeout=400)
+    report = []
+    for key, res0 in results[0].items():
+        if key == "control":
+            continue
+        assert "seq_idx" in res0["keys"] and "cu_seq_lens_q" not in res0["keys"], res0["keys"]
+        losses = {r[key]["loss"] for r in results}
+        assert len(losses) == 1, (key, losses)  # the global loss on every rank
+        worst = max(res0["grad_err"], key=res0["grad_err"].get)
+        report.append(f"{key:50s} loss {res0['loss_err']:.1e} grad {res0['grad_err'][worst]:.1e}")
+        # fp32; only summation order differs (measured ~1e-7 loss, ~1e-6 gradients)
+        assert res0["loss_err"] <= 1e-5, (key, res0["loss_err"])
+        assert res0["grad_err"][worst] <= 1e-4, (key, worst, res0["grad_err"][worst])
+    print("\n".join(report))
+    assert len(report) == sum(len(c) for c in PLANS.values())
+    # negative control: without seq_idx the same batch attends across documents
+    control = max(results[0]["control"]["grad_err"].values())
+    print("without seq_idx: worst gradient error", control)
+    assert control > 1e-2, control
