@@ -150,7 +150,7 @@ class TorchBlockKernel:
         qs, kf, vf = group_heads(q.float() * scale, hkv), k.float(), v.float()
         outs, lses = [], []
         for q0, q1, ktiles in self._tiles(q, k, mask):
-            qt = qs[:, :, :, q0:q1]
+            qt = qs[:, :, :, q0:q1].contiguous()  # one copy per q tile, not per product (CPU)
             row_max = row_sum = acc = None
             for k0, k1, vis in ktiles:
                 visible = tile_visibility(mask, vis, kv_keep, q0, q1, k0, k1, q.device)
@@ -194,7 +194,7 @@ class TorchBlockKernel:
         dv_tiles: Dict[int, Tensor] = {}
         dq_tiles = []
         for q0, q1, ktiles in self._tiles(q, k, mask):
-            qt, dot = qs[:, :, :, q0:q1], dof[:, :, :, q0:q1]
+            qt, dot = qs[:, :, :, q0:q1].contiguous(), dof[:, :, :, q0:q1].contiguous()
             dq_t = None
             for k0, k1, vis in ktiles:
                 kt, vt = kf[:, :, k0:k1], vf[:, :, k0:k1]
