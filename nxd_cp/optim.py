@@ -79,3 +79,5 @@ class AdamW(torch.optim.AdamW):
                                                   "and complex parameters are not supported")
                     _adamw_update(p, p.grad, self.state[p], group)
         return loss
+
+__all__ = ["AdamW"]

@@ -19,7 +19,7 @@ API_MD = os.path.join(ROOT, "docs", "api.md")
 # else every public callable defined in the module itself (not imported into it).
 MODULES = ("nxd_cp", "nxd_cp.parallel_state", "nxd_cp.sharding", "nxd_cp.attention",
            "nxd_cp.comm", "nxd_cp.models", "nxd_cp.nn", "nxd_cp.config", "nxd_cp.data",
-           "nxd_cp.loss", "nxd_cp.grads", "nxd_cp.checkpoint")
+           "nxd_cp.loss", "nxd_cp.grads", "nxd_cp.checkpoint", "nxd_cp.optim")
 
 
 def public_names(module_name: str) -> list[str]:

@@ -109,10 +109,10 @@ class RankIndex:
                 calls.append((self._select(p.q_part), self._select(p.k_part), mask))
             else:
                 stack.append(p)
-        if stack:
-            calls.insert(0, tuple(
-                Selection(self.lookup(tuple(zip(*(getattr(p, side) for p in stack)))),
-                          len(stack)) for side in ("q_part", "k_part")) + (None,))
+        if stack:  # per-rank index vectors [P]: table[rank] = (part of product 0, 1, ...)
+            q_idx = self.lookup(tuple(zip(*(p.q_part for p in stack))))
+            k_idx = self.lookup(tuple(zip(*(p.k_part for p in stack))))
+            calls.insert(0, (Selection(q_idx, len(stack)), Selection(k_idx, len(stack)), None))
         return calls
 
     def _select(self, table: Tuple[int, ...]) -> Selection:
