@@ -150,9 +150,9 @@ def _measure(code_dir: str, kind: str, cp: int, s_local: int, args) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker",
                json.dumps([kind, cp, s_local, args.compile_max, args.distinct_max, dump])]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=code_dir)
-        if res.returncode:
-            return dict(kind=kind, cp=cp, s_local=s_local,
-                        error=res.stderr.strip().splitlines()[-1:])
+        if res.returncode:  # negative: killed by that signal (-9: out of memory)
+            return dict(kind=kind, cp=cp, s_local=s_local, returncode=res.returncode,
+                        error=res.stderr.strip().splitlines()[-3:])
         return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -236,8 +236,9 @@ def main() -> None:
     p.add_argument("--s-local", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--baseline", nargs="*", default=["7de2d56", "206cd90"],
                    help="git revisions to compare (none: only this checkout)")
-    p.add_argument("--compile-max", type=int, default=16000,
-                   help="compile (time, peak memory) only graphs of at most this many instructions")
+    p.add_argument("--compile-max", type=int, default=9000,
+                   help="compile (time, peak memory) only graphs of at most this many "
+                        "instructions (XLA:CPU took > 14 GiB for 15,000)")
     p.add_argument("--distinct-max", type=int, default=16000,
                    help="lower every rank only for graphs of at most this many instructions")
     p.add_argument("--worker", help=argparse_hidden())
