@@ -1,17 +1,26 @@
-"""The XLA graph of one layer's CP attention (fwd + bwd): size, collectives, ranks, compile, memory.
+"""The XLA graphs of CP training: size, collectives, distinct graphs over ranks, compile, memory.
 
-For each cp and S_local: the HLO that torch-xla (on CPU) lowers for rank 1 of a ring (p2p,
-causal zigzag, 8 query / 2 KV heads, D = 64, B = 1, fp32): instructions and dots, collectives by
-kind, the number of distinct graphs over all ranks (after normalising instruction names and
-source metadata: what ``neuron_parallel_compile`` would compile), the XLA:CPU compile time
-(``torch_xla._XLAC._xla_warm_up_cache`` compiles without executing) and the compiled peak
-memory of a rank (``Total bytes used`` of XLA's buffer assignment, from
+Two graphs, each lowered by torch-xla on CPU for every rank of its world:
+
+1. One layer's CP attention, forward + backward (ring ``p2p``, causal zigzag, 8 query / 2 KV
+   heads, D = 64, B = 1, fp32) for each cp and S_local: HLO instructions and dots, collectives
+   by kind, the number of distinct graphs over all cp ranks (after normalising instruction
+   names and source metadata: what ``neuron_parallel_compile`` would compile), f64 / s64
+   instructions.
+2. One TP2 x CP2 training step of the tiny Llama of the tests (forward, vocab-parallel loss,
+   backward, CP gradient all-reduce, AdamW step): the same figures over its 4 ranks.
+
+For rank 1's graph (rank 0's for the step): the XLA:CPU compile time
+(``torch_xla._XLAC._xla_warm_up_cache`` compiles without executing) and the compiled peak memory
+of the rank (``Total bytes used`` of XLA's buffer assignment, from
 ``XLA_FLAGS=--xla_dump_to``). Each measurement runs in its own process (XLA_FLAGS is read at
-start-up). ``--baseline REV`` measures the same for an older revision of ``nxd_cp`` (default:
-206cd90, before the rank-independent graph), exported with ``git archive`` into a temporary
-folder, and prints both side by side. Large graphs are only lowered, not compiled, above
-``--compile-max`` instructions, and their distinct-graph count is only taken up to
-``--distinct-max-cp`` (both printed as "skipped" so no figure is invented).
+start-up). ``--baseline REV ...`` measures the same for older revisions of ``nxd_cp`` (default:
+7de2d56, the first rank-independent attention graph, and 206cd90, before it), exported with
+``git archive`` into temporary folders, and prints them beside this checkout. Graphs above
+``--compile-max`` instructions are only lowered, and ranks are lowered for the distinct-graph
+count only while rank 1's graph has at most ``--distinct-max`` instructions ("skipped" in the
+table: no figure is invented). A revision without ``parallel_state.explicit_rank`` (206cd90)
+cannot lower another rank's step: "n/a".
 """
 from __future__ import annotations
 
@@ -26,19 +35,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ROOT, parser, print_table, write_json  # noqa: E402
+from common import ROOT, TESTS, parser, print_table, write_json  # noqa: E402
 
 HQ, HKV, D = 8, 2, 64
+TP, CP = 2, 2
+_INSTRUCTION = re.compile(r"\s+(ROOT )?%\S+ = ")
+_OPCODE = re.compile(r"= (?:\([^)]*\)|\S+) ([\w\-]+)\(")  # shape (a tuple, too), opcode
+COLLECTIVES = ("collective-permute", "all-gather", "reduce-scatter", "all-reduce", "all-to-all")
 
 
-def _normalise(hlo: str) -> str:
-    hlo = re.sub(r", metadata=\{[^}]*\}", "", hlo)
-    hlo = re.sub(r"%[\w.\-]+", "%x", hlo)
-    return re.sub(r"HloModule [\w.\-]+", "HloModule m", hlo)
-
-
-def _lower(cp: int, s_local: int, rank: int):
-    """(tensors, hlo text) of rank ``rank``'s attention fwd + bwd."""
+def _attention_tensors(cp: int, s_local: int, rank: int):
+    """Rank ``rank``'s attention fwd + bwd outputs (lazy XLA tensors)."""
     import torch
     import torch_xla
     from nxd_cp.attention import context_parallel_attention
@@ -53,51 +60,104 @@ def _lower(cp: int, s_local: int, rank: int):
     out = context_parallel_attention(q, k, v, comm_type="p2p",
                                      group=GroupSpec.explicit([list(range(cp))], rank))
     out.backward(torch.ones_like(out))
-    tensors = [out, q.grad, k.grad, v.grad]
-    return tensors, torch_xla._XLAC._get_xla_tensors_hlo(tensors)
+    return [out, q.grad, k.grad, v.grad]
 
 
-def worker(cp: int, s_local: int, compile_max: int, distinct_max_cp: int, dump: str) -> dict:
-    """One configuration, in a process whose XLA_FLAGS dump to ``dump``."""
+def _step_tensors(rank: int):
+    """Global rank ``rank``'s TP2 x CP2 training step of the tests' tiny Llama."""
+    import torch
+    import torch_xla
+    from nxd_cp import parallel_state as ps
+    from nxd_cp.data import get_batch_on_this_context_parallel_rank
+    from nxd_cp.grads import allreduce_context_parallel_gradients
+    from nxd_cp.models import transform
+    try:
+        from nxd_cp.optim import AdamW
+    except ImportError:  # older revisions: torch's (f64 scalars on XLA)
+        AdamW = torch.optim.AdamW
+    if TESTS not in sys.path:
+        sys.path.insert(0, TESTS)
+    from test_models import make_batch, make_model
+
+    dev = torch_xla.device()
+    torch_xla._XLAC._set_all_reduce_token(str(dev), None)
+    with ps.explicit_rank(TP * CP, rank, TP, CP):
+        try:  # the config read by transform (older revisions took the comm type itself)
+            from nxd_cp.testing import activate_config
+            config = activate_config("p2p")
+        except ImportError:
+            config = "p2p"
+        model = transform(make_model("llama"), config, vocab_parallel_logits=True).to(dev)
+        opt = AdamW(model.parameters(), lr=1e-3, eps=1e-6)
+        batch = {k: v.to(dev) for k, v in
+                 get_batch_on_this_context_parallel_rank(make_batch(100)).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        allreduce_context_parallel_gradients(model)
+        opt.step()
+    return [loss.detach()] + [p for p in model.parameters()]
+
+
+def _normalise(hlo: str) -> str:
+    if TESTS not in sys.path:
+        sys.path.insert(0, TESTS)
+    from xla_exec import normalise_hlo
+    return normalise_hlo(hlo)
+
+
+def _figures(hlo: str) -> dict:
+    lines = [l for l in hlo.splitlines() if _INSTRUCTION.match(l)]
+    ops = [m.group(1) for m in (_OPCODE.search(l) for l in lines) if m]
+    return dict(instructions=len(lines), dots=ops.count("dot"),
+                collectives={c: ops.count(c) for c in COLLECTIVES if ops.count(c)},
+                f64=sum(1 for l in lines if "f64[" in l), s64=sum(1 for l in lines if "s64[" in l))
+
+
+def worker(kind: str, cp: int, s_local: int, compile_max: int, distinct_max: int,
+           dump: str) -> dict:
+    """One graph (``kind`` "attention" or "step"), in a process whose XLA_FLAGS dump to
+    ``dump``."""
     import torch_xla
 
+    if kind == "step":
+        from nxd_cp import parallel_state as ps
+        if not hasattr(ps, "explicit_rank"):
+            return dict(kind=kind, na="no parallel_state.explicit_rank in this revision")
+        world, lower, first = TP * CP, _step_tensors, 0
+    else:
+        world, lower, first = cp, lambda r: _attention_tensors(cp, s_local, r), 1 % cp
     t0 = time.perf_counter()
-    tensors, hlo = _lower(cp, s_local, 1 % cp)
-    lower_s = time.perf_counter() - t0
-    lines = [l for l in hlo.splitlines() if re.match(r"\s+(ROOT )?%\S+ = ", l)]
-    ops = [re.search(r"= \S+ ([\w\-]+)\(", l) for l in lines]
-    ops = [m.group(1) for m in ops if m]
-    collectives = {c: ops.count(c) for c in ("collective-permute", "all-gather", "reduce-scatter",
-                                             "all-reduce", "all-to-all") if ops.count(c)}
-    row = dict(cp=cp, s_local=s_local, instructions=len(lines), dots=ops.count("dot"),
-               collectives=collectives, lower_s=round(lower_s, 2),
-               f64="f64[" in hlo, compile_s=None, peak_bytes=None, distinct=None)
-    if len(lines) <= compile_max:
+    tensors = lower(first)
+    hlo = torch_xla._XLAC._get_xla_tensors_hlo(tensors)
+    row = dict(kind=kind, cp=cp, s_local=s_local, lower_s=round(time.perf_counter() - t0, 2),
+               compile_s=None, peak_bytes=None, distinct=None, **_figures(hlo))
+    if row["instructions"] <= compile_max:
         t0 = time.perf_counter()
         torch_xla._XLAC._xla_warm_up_cache(tensors, [])
         row["compile_s"] = round(time.perf_counter() - t0, 2)
-        totals = []
-        for path in glob.glob(os.path.join(dump, "*buffer-assignment.txt")):
-            m = re.search(r"Total bytes used: (\d+)", open(path).read())
-            if m:
-                totals.append(int(m.group(1)))
+        totals = [int(m.group(1)) for path in glob.glob(os.path.join(dump, "*buffer-assignment.txt"))
+                  for m in [re.search(r"Total bytes used: (\d+)", open(path).read())] if m]
         row["peak_bytes"] = max(totals) if totals else None
-    if cp <= distinct_max_cp:
+    if row["instructions"] <= distinct_max:
         graphs = {_normalise(hlo)}
-        graphs |= {_normalise(_lower(cp, s_local, r)[1]) for r in range(cp) if r != 1 % cp}
+        for r in range(world):
+            if r != first:
+                graphs.add(_normalise(torch_xla._XLAC._get_xla_tensors_hlo(lower(r))))
         row["distinct"] = len(graphs)
+        row["ranks"] = world
     return row
 
 
-def _measure(code_dir: str, cp: int, s_local: int, args) -> dict:
+def _measure(code_dir: str, kind: str, cp: int, s_local: int, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="nxd_cp_xla_dump_") as dump:
-        env = dict(os.environ, PYTHONPATH=code_dir, PJRT_DEVICE="CPU",
+        env = dict(os.environ, PYTHONPATH=code_dir, PJRT_DEVICE="CPU", XLA_ALWAYS_ALLREDUCE="1",
                    XLA_FLAGS=f"--xla_dump_to={dump} --xla_dump_hlo_as_text")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker",
-               json.dumps([cp, s_local, args.compile_max, args.distinct_max_cp, dump])]
+               json.dumps([kind, cp, s_local, args.compile_max, args.distinct_max, dump])]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=code_dir)
-        if res.returncode:
-            return dict(cp=cp, s_local=s_local, error=res.stderr.strip().splitlines()[-1:])
+        if res.returncode:  # negative: killed by that signal (-9: out of memory)
+            return dict(kind=kind, cp=cp, s_local=s_local, returncode=res.returncode,
+                        error=res.stderr.strip().splitlines()[-3:])
         return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -109,69 +169,101 @@ def _baseline_tree(rev: str) -> str:
     return folder
 
 
-def _cell(row: dict, key: str) -> str:
+def _value(row: dict, key: str) -> str:
     if row is None or "error" in row:
         return "error"
+    if "na" in row:
+        return "n/a"
     v = row.get(key)
     if v is None:
         return "skipped"
     if key == "peak_bytes":
         return f"{v / 2**20:,.0f}"
     if key == "collectives":
-        return ", ".join(f"{n} {k}" for k, n in v.items())
+        return ", ".join(f"{n} {k}" for k, n in v.items()) or "-"
+    if key == "distinct":
+        return f"{v} of {row['ranks']}"
     return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _cells(rows: dict, names, key: str) -> str:
+    return " / ".join(_value(rows[n], key) for n in names)
+
+
+KEYS = (("instructions", "HLO instructions"), ("dots", "dots"),
+        ("distinct", "distinct graphs"), ("compile_s", "compile s"), ("peak_bytes", "peak MiB"),
+        ("f64", "f64 instr."))
+
+
+def _per_step(rows: dict, name: str, cps, s: int) -> str:
+    """Instructions added per ring step from the smallest to the largest cp measured."""
+    lo, hi = rows[name].get(("attention", cps[0], s)), rows[name].get(("attention", cps[-1], s))
+    if not lo or not hi or "instructions" not in lo or "instructions" not in hi:
+        return "-"
+    return f"{(hi['instructions'] - lo['instructions']) / (cps[-1] - cps[0]):,.0f}"
+
+
+def report(rows: dict, names, args) -> None:
+    order = " / ".join(names)
+    table = []
+    for cp in args.cp:
+        for s in args.s_local:
+            per = {n: rows[n][("attention", cp, s)] for n in names}
+            table.append([cp, s] + [_cells(per, names, k) for k, _ in KEYS]
+                         + [_value(per[names[0]], "collectives")])
+    slope = "; ".join(f"S_local={s}: " + " / ".join(_per_step(rows, n, args.cp, s)
+                                                    for n in names) for s in args.s_local)
+    print_table(
+        "One layer's CP attention, fwd + bwd, as lowered by torch-xla (ring, causal zigzag)",
+        ["cp", "S_local"] + [f"{label} ({order})" for _, label in KEYS]
+        + [f"collectives ({names[0]})"], table,
+        note=f"8 query / 2 KV heads, D = 64, B = 1, fp32; rank 1's graph. '{names[0]}' is this "
+             f"checkout. Instructions per ring step (cp {args.cp[0]} -> {args.cp[-1]}, "
+             f"{order}): {slope}. Compile time is XLA:CPU (`_xla_warm_up_cache`, no "
+             f"execution) on this shared 2-core machine; peak MiB is the `Total bytes used` of "
+             f"XLA's buffer assignment. 'skipped': graphs above {args.compile_max:,} "
+             f"instructions are not compiled, above {args.distinct_max:,} not lowered for "
+             f"every rank (time on 2 cores).")
+    step = [[n] + [_value(rows[n][("step", TP * CP, 0)], k) for k, _ in KEYS]
+            + [_value(rows[n][("step", TP * CP, 0)], "s64")] for n in names]
+    print_table("One TP2 x CP2 training step of a tiny Llama, as lowered by torch-xla",
+                ["revision"] + [label for _, label in KEYS] + ["s64 instr."], step,
+                note="Hidden 64, 2 layers, 4 heads (2 KV), vocabulary 256, sequence 256, batch "
+                     "2; forward, vocab-parallel loss, backward, CP gradient all-reduce, AdamW "
+                     "(`nxd_cp.optim.AdamW` where the revision has it, else torch's); rank 0's "
+                     "graph; distinct graphs over the 4 ranks. s64: the token ids and labels "
+                     "enter as int64 (HF's convention) and torch's cross entropy reads them.")
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--cp", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     p.add_argument("--s-local", type=int, nargs="+", default=[1024, 4096])
-    p.add_argument("--baseline", default="206cd90", help="git revision to compare ('' = none)")
-    p.add_argument("--compile-max", type=int, default=12000,
-                   help="compile (time, peak memory) only graphs of at most this many instructions")
-    p.add_argument("--distinct-max-cp", type=int, default=8,
-                   help="lower every rank (distinct graphs) only up to this cp")
+    p.add_argument("--baseline", nargs="*", default=["7de2d56", "206cd90"],
+                   help="git revisions to compare (none: only this checkout)")
+    p.add_argument("--compile-max", type=int, default=9000,
+                   help="compile (time, peak memory) only graphs of at most this many "
+                        "instructions (XLA:CPU took > 14 GiB for 15,000)")
+    p.add_argument("--distinct-max", type=int, default=16000,
+                   help="lower every rank only for graphs of at most this many instructions")
     p.add_argument("--worker", help=argparse_hidden())
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(*json.loads(args.worker))))
         return
     if args.quick:
-        args.cp, args.s_local, args.compile_max, args.distinct_max_cp = [2, 4], [256], 4000, 4
+        args.cp, args.s_local, args.baseline = [2, 4], [256], []
     trees = {"new": ROOT}
-    if args.baseline:
-        trees[args.baseline] = _baseline_tree(args.baseline)
+    for rev in args.baseline:
+        trees[rev] = _baseline_tree(rev)
     rows = {name: {} for name in trees}
-    for cp in args.cp:
-        for s in args.s_local:
-            for name, tree in trees.items():
-                rows[name][(cp, s)] = _measure(tree, cp, s, args)
-                print(name, rows[name][(cp, s)], flush=True)
-    names = list(trees)
-    headers = ["cp", "S_local"]
-    for key, label in (("instructions", "HLO instructions"), ("dots", "dots"),
-                       ("distinct", "distinct graphs"), ("compile_s", "compile s"),
-                       ("peak_bytes", "peak MiB")):
-        headers += [f"{label} ({n})" for n in names]
-    headers += ["collectives (new)"]
-    table = []
-    for cp in args.cp:
-        for s in args.s_local:
-            r = [cp, s]
-            for key in ("instructions", "dots", "distinct", "compile_s", "peak_bytes"):
-                r += [_cell(rows[n][(cp, s)], key) for n in names]
-            r.append(_cell(rows["new"][(cp, s)], "collectives"))
-            table.append(r)
-    print_table(
-        "One layer's CP attention, fwd + bwd, as lowered by torch-xla (ring, causal zigzag)",
-        headers, table,
-        note=f"8 query / 2 KV heads, D = 64, B = 1, fp32; rank 1's graph. 'new' is this "
-             f"checkout, {args.baseline or '-'} the baseline revision. Compile time is XLA:CPU "
-             f"(`_xla_warm_up_cache`, no execution) on this shared 2-core machine; peak MiB is "
-             f"the `Total bytes used` of XLA's buffer assignment. 'skipped': graphs above "
-             f"{args.compile_max:,} instructions are not compiled and cp > "
-             f"{args.distinct_max_cp} does not lower every rank (time on 2 cores).")
-    write_json(args.json, {"rows": {n: [dict(v) for v in r.values()] for n, r in rows.items()}})
+    jobs = [("attention", cp, s) for cp in args.cp for s in args.s_local] + [("step", TP * CP, 0)]
+    for key in jobs:
+        for name, tree in trees.items():
+            rows[name][key] = _measure(tree, *key, args)
+            print(name, rows[name][key], flush=True)
+    report(rows, list(trees), args)
+    write_json(args.json, {"rows": {n: list(r.values()) for n, r in rows.items()}})
 
 
 def argparse_hidden():

@@ -39,14 +39,14 @@ SECTIONS = [  # (json name, title, what it measures)
      "packed rows of log-normal documents: zigzag over the row vs the per-document head-tail "
      "layouts, nxd_cp's `per_document` measured on its own shard indices."),
     ("bench_xla_graph", "XLA graph",
-     "One layer's CP attention (fwd + bwd) as lowered by torch-xla: HLO size, collectives, "
-     "distinct graphs over all ranks, XLA:CPU compile time and compiled peak memory, beside "
-     "the revision before the rank-independent graph."),
+     "One layer's CP attention (fwd + bwd) and one TP2 x CP2 training step as lowered by "
+     "torch-xla: HLO size, collectives, distinct graphs over all ranks, f64, XLA:CPU compile "
+     "time and compiled peak memory, beside earlier revisions."),
     ("bench_sequence_parallel", "Sequence parallelism inside TP",
      "Saved activations, TP collectives per decoder layer and CPU time per training step with "
-     "`neuronx_distributed_config(sequence_parallel=True)` + `transform(model, config)` on vs off, on 4 gloo ranks with nxd_cp's "
-     "fallback layers (NxD's own SP layers are verified for parity in tests/test_nxd_models.py; "
-     "their collectives are NxD's and not counted here)."),
+     "`neuronx_distributed_config(sequence_parallel=True)` + `transform(model, config)` on vs "
+     "off, on 4 gloo ranks with nxd_cp's fallback layers (NxD's own SP layers are verified for "
+     "parity in tests/test_nxd_models.py; their collectives are NxD's and not counted here)."),
 ]
 
 
@@ -123,6 +123,7 @@ def headline(data: Dict[str, Optional[dict]]) -> List[List[str]]:
         if m.get("mem_ratio") is not None:
             rows.append(["end to end TP2xCP2: step memory/rank vs one rank at S/2",
                          "<= 1.00 (no target)", f"{m['mem_ratio']:.2f}", "-"])
+    rows += xla_headline(data["bench_xla_graph"])
     gpu = data["bench_gpu"]
     if gpu is None or gpu.get("skipped"):
         rows.append(["GPU figures", "when a device is lent", "skipped: no CUDA device", "-"])
@@ -131,6 +132,27 @@ def headline(data: Dict[str, Optional[dict]]) -> List[List[str]]:
         rows.append([f"GPU zigzag schedule vs full/cp ({gpu['stamp'].get('gpu')})", ">= 0.85",
                      f"min {worst:.3f}", "yes" if worst >= 0.85 else "NO"])
     return rows
+
+
+def xla_headline(xla: Optional[dict]) -> List[List[str]]:
+    """Issue 14's targets from this checkout's rows of bench_xla_graph."""
+    if not xla:
+        return []
+    rows = [r for r in xla["rows"]["new"] if "error" not in r and "na" not in r]
+    att = {(r["cp"], r["s_local"]): r for r in rows if r["kind"] == "attention"}
+    out = []
+    at8 = [att[k]["instructions"] for k in att if k[0] == 8]
+    if at8:
+        out.append(["XLA attention fwd+bwd per layer at cp=8 (HLO instructions, any S_local)",
+                    "<= 3,500", f"{max(at8):,}", "yes" if max(at8) <= 3500 else "NO"])
+    distinct = [r["distinct"] for r in rows if r.get("distinct") is not None]
+    if distinct:
+        out.append(["XLA distinct graphs over the ranks (attention, TP2xCP2 step)", "1",
+                    f"max {max(distinct)}", "yes" if max(distinct) == 1 else "NO"])
+        f64 = max(r["f64"] for r in rows)
+        out.append(["XLA f64 instructions (attention, TP2xCP2 step)", "0", str(f64),
+                    "yes" if f64 == 0 else "NO"])
+    return out
 
 
 def findings(data: Dict[str, Optional[dict]]) -> str:

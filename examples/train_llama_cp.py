@@ -243,7 +243,8 @@ def main(argv=None) -> int:
         model.gradient_checkpointing_enable()
     if model.config.tie_word_embeddings:
         model.tie_weights()  # moving to an XLA device unties shared parameters
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    # torch's AdamW; on XLA its update lowers without f64 scalars (docs/trn1.md)
+    optimizer = nxd_cp.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     start_step = resume(args, model, optimizer, scheduler, rank)

@@ -17,7 +17,7 @@ works without it. Your own models: ``nxd_cp.nn`` (``ContextParallelAttention``,
 """
 import importlib
 
-from nxd_cp import parallel_state
+from nxd_cp import optim, parallel_state
 from nxd_cp.attention import context_parallel_attention
 from nxd_cp.checkpoint import (checkpoint_metadata, has_checkpoint, load_checkpoint,
                                save_checkpoint)
@@ -45,8 +45,9 @@ def __getattr__(name):
     raise AttributeError(f"module 'nxd_cp' has no attribute {name!r}")
 
 
-__all__ = ["parallel_state", "context_parallel_attention", "count_bytes", "count_saved_bytes",
-           "ContextParallelConfig", "get_context_parallel_config", "neuronx_distributed_config",
+__all__ = ["parallel_state", "optim", "context_parallel_attention", "count_bytes",
+           "count_saved_bytes", "ContextParallelConfig", "get_context_parallel_config",
+           "neuronx_distributed_config",
            "get_batch_on_this_context_parallel_rank", "allreduce_context_parallel_gradients",
            "allreduce_data_context_parallel_gradients", "allreduce_sequence_parallel_gradients",
            "context_parallel_cross_entropy",

@@ -272,11 +272,27 @@ class FallbackParallelEmbedding(_TPLayer):
             return cg.gather_from_group(out, -1, t)
         if t.size == 1:
             return F.embedding(ids, self.weight, self._local_padding_idx())
-        outside = (ids < self.start_index) | (ids >= self.end_index)
-        local = torch.where(outside, torch.zeros_like(ids), ids - self.start_index)
-        out = F.embedding(local, self.weight, self._local_padding_idx())
-        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return cg.reduce_from_group(out, t)
+        return cg.reduce_from_group(self._vocab_shard_lookup(ids, t), t)
+
+    def _vocab_shard_lookup(self, ids: torch.Tensor, t) -> torch.Tensor:
+        """``[..., H]``: the rows of ``ids`` in this rank's vocabulary range, 0 elsewhere.
+
+        Written for one graph on every TP rank: the range start is device data
+        (``Transport.rank_value``), index arithmetic is int32, and ``padding_idx`` (a row of one
+        rank only) is honoured by stopping the gradient of pad tokens, not by F.embedding's
+        rank-dependent ``padding_idx``.
+        """
+        per = self.weight.shape[0]
+        rank = t.rank_value(ids.device)
+        ids = ids.to(torch.int32)
+        local = ids - rank * per  # [...], in [0, per) inside this rank's range
+        inside = (local >= local.new_zeros(())) & (local < local.new_full((), per))
+        out = F.embedding(torch.where(inside, local, torch.zeros_like(local)), self.weight)
+        out = out * inside.unsqueeze(-1).to(out.dtype)
+        if self.padding_idx is not None:  # nn.Embedding: the pad row gets no gradient
+            is_pad = ids == ids.new_full((), self.padding_idx)
+            out = torch.where(is_pad.unsqueeze(-1), out.detach(), out)
+        return out
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.start_index}, "

@@ -53,10 +53,11 @@ def fallback_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor,
         m = cg.gather_from_group(local_max, -1, t).max(dim=-1, keepdim=True).values
     shifted = logits - m
     sum_exp = cg.reduce_from_group(shifted.exp().sum(dim=-1), t)
-    start = spec.rank * per
-    inside = (target >= start) & (target < start + per)
-    local_t = torch.where(inside, target - start, torch.zeros_like(target))
-    picked = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)
+    # The range start is device data (one graph on every TP rank); index arithmetic in int32.
+    local_t = target.to(torch.int32) - t.rank_value(logits.device) * per
+    inside = (local_t >= local_t.new_zeros(())) & (local_t < local_t.new_full((), per))
+    local_t = torch.where(inside, local_t, torch.zeros_like(local_t))
+    picked = shifted.gather(-1, local_t.long().unsqueeze(-1)).squeeze(-1)
     picked = cg.reduce_from_group(picked * inside, t)
     return sum_exp.log() - picked
 
@@ -111,15 +112,17 @@ def context_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"logits shape {tuple(logits.shape)} does not match labels shape "
                          f"{tuple(labels.shape)}: logits must be [..., vocab] over labels' shape")
     flat = logits.reshape(-1, logits.shape[-1])
-    target = labels.reshape(-1).to(flat.device)
-    valid = target != ignore_index
-    per_token = _per_token_loss(flat, torch.where(valid, target, torch.zeros_like(target)),
-                                vocab_parallel)
+    # Label arithmetic in int32 against tensors (XLA: no s64 compute, no Python-scalar operand).
+    target = labels.reshape(-1).to(flat.device).to(torch.int32)
+    valid = target != target.new_full((), ignore_index)
+    target = torch.where(valid, target, torch.zeros_like(target)).long()
+    per_token = _per_token_loss(flat, target, vocab_parallel)
+    valid = valid.to(per_token.dtype)
     local_sum = (per_token * valid).sum()
     t = get_transport(ps.resolve_group(group), flat.device)
     total = cg.reduce_from_group(local_sum, t)
     if num_items_in_batch is not None:
         count = torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device)
     else:
-        count = t.all_reduce(valid.sum().to(total.dtype))
+        count = t.all_reduce(valid.sum())
     return total / count.clamp(min=1)

@@ -20,7 +20,7 @@ API_MD = os.path.join(ROOT, "docs", "api.md")
 MODULES = ("nxd_cp", "nxd_cp.parallel_state", "nxd_cp.sharding", "nxd_cp.attention",
            "nxd_cp.comm", "nxd_cp.models", "nxd_cp.nn", "nxd_cp.config", "nxd_cp.nxd_config",
            "nxd_cp.data", "nxd_cp.loss", "nxd_cp.grads", "nxd_cp.checkpoint", "nxd_cp.testing",
-           "nxd_cp.packing")
+           "nxd_cp.packing", "nxd_cp.optim")
 
 
 def public_names(module_name: str) -> list[str]:

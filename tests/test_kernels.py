@@ -1,7 +1,8 @@
 """Local block attention kernels and the LSE merge against SDPA (math backend, float64).
 
 The reference mask is built here from global positions, independently of the kernels' tile
-classification; rows with no visible key are expected at out 0, lse -inf and zero gradients.
+classification; rows with no visible key are expected at out 0, lse ``EMPTY_LSE`` (the lowest
+finite fp32) and zero gradients.
 """
 import os
 import zlib
@@ -15,9 +16,9 @@ from nxd_cp.attention import dispatch as kernels
 from nxd_cp.attention.dispatch import (block_attention_backward, block_attention_forward,
                                        local_attention, register_kernel)
 from nxd_cp.attention.fused import CpuFlashKernel, CudaSdpaKernel
-from nxd_cp.attention.kernels import TorchBlockKernel
+from nxd_cp.attention.kernels import EMPTY_LSE, TorchBlockKernel
 from nxd_cp.attention.schedule import BlockMask
-from nxd_cp.attention.merge import merge_into, merge_partial
+from nxd_cp.attention.merge import merge_partial
 
 NEG_INF = float("-inf")
 
@@ -90,9 +91,10 @@ def rel_err(x, ref):
 
 
 def check_lse(lse, ref_lse):
-    """Finite where the reference is finite (abs error returned), -inf exactly where it is -inf."""
+    """Close where the reference is finite (abs error returned), ``EMPTY_LSE`` exactly where the
+    reference is -inf (no visible key)."""
     empty = ref_lse == NEG_INF
-    assert torch.equal(lse == NEG_INF, empty)
+    assert torch.equal(lse == EMPTY_LSE, empty)
     return (lse.double() - ref_lse)[~empty].abs().max().item() if (~empty).any() else 0.0
 
 
@@ -210,32 +212,26 @@ def test_split_kv_merge_equals_full_attention(kernel_name, split):
         assert rel_err(g, ref_g) <= 1e-4  # fp32 recompute backward
 
 
-def test_merge_partial_empty_rows():
+def test_merge_partial_empty_and_masked_rows():
+    """Row 0 empty on both sides, row 1 empty on side a, row 2 empty on side b (EMPTY_LSE, out
+    0); row 3 a masked contribution (lse_b -inf: side a kept exactly); row 4 regular."""
     gen = torch.Generator().manual_seed(1)
-    out_a, out_b = rand((1, 2, 4, 8), gen), rand((1, 2, 4, 8), gen)
-    lse_a, lse_b = rand((1, 2, 4), gen), rand((1, 2, 4), gen)
-    lse_a[:, :, 0] = lse_b[:, :, 0] = NEG_INF  # row 0 empty on both sides
-    lse_a[:, :, 1] = NEG_INF  # row 1 empty on side a only
-    lse_b[:, :, 2] = NEG_INF  # row 2 empty on side b only
+    out_a, out_b = rand((1, 2, 5, 8), gen), rand((1, 2, 5, 8), gen)
+    lse_a, lse_b = rand((1, 2, 5), gen), rand((1, 2, 5), gen)
+    lse_a[:, :, 0] = lse_b[:, :, 0] = EMPTY_LSE
+    lse_a[:, :, 1] = EMPTY_LSE
+    lse_b[:, :, 2] = EMPTY_LSE
+    lse_b[:, :, 3] = NEG_INF
     for out, lse in ((out_a, lse_a), (out_b, lse_b)):
-        out[lse == NEG_INF] = 0.0
+        out[lse == EMPTY_LSE] = 0.0
     out, lse = merge_partial(out_a, lse_a, out_b, lse_b)
     assert not out.isnan().any() and not lse.isnan().any() and out.isfinite().all()
-    assert not out[:, :, 0].any() and (lse[:, :, 0] == NEG_INF).all()
+    assert not out[:, :, 0].any() and (lse[:, :, 0] == EMPTY_LSE).all()
     assert torch.equal(out[:, :, 1], out_b[:, :, 1]) and torch.equal(lse[:, :, 1], lse_b[:, :, 1])
     torch.testing.assert_close(out[:, :, 2], out_a[:, :, 2], atol=0, rtol=1e-6)  # 1 - 0 weights
-    torch.testing.assert_close(lse[:, :, 3], torch.logaddexp(lse_a, lse_b)[:, :, 3])
-
-
-def test_merge_into_updates_only_the_slice():
-    gen = torch.Generator().manual_seed(2)
-    out_acc, lse_acc = rand((1, 2, 6, 8), gen), rand((1, 2, 6), gen)
-    out_b, lse_b = rand((1, 2, 3, 8), gen), rand((1, 2, 3), gen)
-    expect_out, expect_lse = merge_partial(out_acc[:, :, 3:], lse_acc[:, :, 3:], out_b, lse_b)
-    head_out, head_lse = out_acc[:, :, :3].clone(), lse_acc[:, :, :3].clone()
-    merge_into(out_acc, lse_acc, out_b, lse_b, slice(3, 6))
-    assert torch.equal(out_acc[:, :, 3:], expect_out) and torch.equal(lse_acc[:, :, 3:], expect_lse)
-    assert torch.equal(out_acc[:, :, :3], head_out) and torch.equal(lse_acc[:, :, :3], head_lse)
+    assert torch.equal(out[:, :, 3], out_a[:, :, 3]) and torch.equal(lse[:, :, 3], lse_a[:, :, 3])
+    # fp32 log-sum of two terms: a few ulps
+    torch.testing.assert_close(lse[:, :, 4], torch.logaddexp(lse_a, lse_b)[:, :, 4])
 
 
 @pytest.mark.parametrize("force_torch", [False, True])
@@ -335,7 +331,7 @@ def test_pure_torch_kernel_on_xla_matches_cpu():
     grads = kernel.backward(on_dev[3], *on_dev[:3], out, lse, scale=0.25, mask=mask,
                             kv_keep=on_dev[4])
     assert rel_err(out.cpu(), cpu[0].double()) <= 1e-5  # same fp32 math, XLA CPU codegen
-    assert torch.equal(lse.cpu() == NEG_INF, cpu[1] == NEG_INF)
+    assert torch.equal(lse.cpu() == EMPTY_LSE, cpu[1] == EMPTY_LSE)
     for g, ref_g in zip(grads, cpu[2]):
         assert rel_err(g.cpu(), ref_g.double()) <= 1e-5  # same fp32 math
 

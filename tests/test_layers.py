@@ -4,15 +4,20 @@ One 4-rank TP2 x CP2 spawn. Layers are checked over the TP groups {0,1},{2,3} ag
 nn.Embedding / F.cross_entropy with the same (seeded) weights and inputs: forward, input
 gradient and the rank's shard of the weight gradient. The loss is checked over the CP groups
 {0,2},{1,3} against F.cross_entropy on the full sequence, with unequal token counts per rank.
+The column layer, embedding, vocab-parallel cross entropy and loss run a second time with the
+ranks as device data (``NXD_CP_RANK_AS_TENSOR=1``: the form XLA lowers, one graph per TP group).
 
 Tolerances: layer outputs and gradients are fp32 sums of at most 16 terms split over 2 ranks,
 so they agree to rounding (atol 1e-6 on values of order 1). Losses: relative 1e-6 (a mean of
 ~500 terms summed in a different order).
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nxd_cp.comm.base import RANK_AS_TENSOR_ENV
 from nxd_cp.testing import run_ranks
 
 IN, OUT, VOCAB, HID = 16, 8, 12, 6
@@ -260,7 +265,16 @@ def tp2cp2(rank, world):
     fails = []
     for check in (_column, _row, _embedding, _replicated_kv, _vocab_parallel_ce, _errors):
         check(fails)
-    return {"fails": fails, "using_nxd": USING_NXD, "loss": _cp_loss(), "grads": _grads()}
+    out = {"fails": fails, "using_nxd": USING_NXD, "loss": _cp_loss(), "grads": _grads()}
+    # Again with the ranks as device data (XLA's form: one graph for every TP rank) on gloo.
+    os.environ[RANK_AS_TENSOR_ENV] = "1"
+    tensor_fails = []
+    for check in (_column, _embedding, _vocab_parallel_ce):
+        check(tensor_fails)
+    fails += [f"{f} (rank as tensor)" for f in tensor_fails]
+    out["loss_rank_as_tensor"] = _cp_loss()
+    del os.environ[RANK_AS_TENSOR_ENV]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -276,11 +290,13 @@ def test_fallback_layers_match_torch(results):
 
 def test_context_parallel_cross_entropy_is_token_weighted(results):
     for rank, r in enumerate(results):
-        loss = r["loss"]
-        for vp in (False, True):
-            # A mean of 20 fp32 terms summed in another order: 1e-6 relative.
-            assert abs(loss[f"loss vp={vp}"] - loss["ref"]) <= 1e-6 * abs(loss["ref"]), rank
-            assert loss[f"grad ok vp={vp}"], f"rank {rank}: logits gradient, vocab_parallel={vp}"
+        for form in ("loss", "loss_rank_as_tensor"):  # Python-int ranks, device-data ranks
+            loss = r[form]
+            for vp in (False, True):
+                # A mean of 20 fp32 terms summed in another order: 1e-6 relative.
+                assert abs(loss[f"loss vp={vp}"] - loss["ref"]) <= 1e-6 * abs(loss["ref"]), \
+                    (rank, form)
+                assert loss[f"grad ok vp={vp}"], f"rank {rank} {form}: logits gradient, vp={vp}"
     # The data has unequal token counts per CP rank, so NxD's mean of per-rank means is a
     # different number: the token weighting is what makes the loss above match.
     nxd = results[0]["loss"]["nxd_style"]

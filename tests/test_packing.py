@@ -10,8 +10,7 @@ import torch
 from nxd_cp import parallel_state as ps
 from nxd_cp.attention import context_parallel_attention
 from nxd_cp.attention.documents import PackedDocuments
-from nxd_cp.attention.parts import RankIndex
-from nxd_cp.attention.schedule import ALL
+from nxd_cp.attention.parts import WHOLE, RankIndex, Selection
 from nxd_cp.comm import GroupSpec
 from nxd_cp.data import get_batch_on_this_context_parallel_rank as get_batch
 from nxd_cp.packing import document_ids
@@ -96,14 +95,15 @@ def test_classify_skips_and_fuses_from_document_ranges():
     # rank 0: chunks 0 (docs 0..0) and 3 (docs 2..3); rank 1: chunks 1 (0..1) and 2 (1..2)
     docs._ranges = [[[(0, 0)], [(2, 3)]], [[(0, 1)], [(1, 2)]]]
     rank1 = RankIndex(1)
-    assert docs.classify(1, 0, 0, rank1, 2) is True      # chunk 1 vs chunk 0: doc 0 shared
-    assert docs.classify(1, 1, 0, rank1, 2) is None      # chunk 2 (docs 1..2) vs chunk 0
-    assert docs.classify(0, ALL, ALL, rank1, 2) is True  # the local block
+    one, two, whole = Selection((0,)), Selection((1,)), WHOLE  # the calls' static selections
+    assert docs.classify(1, one, one, rank1, 2) is True      # chunk 1 vs chunk 0: doc 0 shared
+    assert docs.classify(1, two, one, rank1, 2) is None      # chunk 2 (docs 1..2) vs chunk 0
+    assert docs.classify(0, whole, whole, rank1, 2) is True  # the local block
     docs._ranges[1][0] = [(1, 1)]
-    assert docs.classify(1, 0, 0, rank1, 2) is None      # docs {1} vs {0}: nothing shared
+    assert docs.classify(1, one, one, rank1, 2) is None      # docs {1} vs {0}: nothing shared
     docs._ranges[1][0] = [(0, 0)]
-    assert docs.classify(1, 0, 0, rank1, 2) is False     # one document on both sides
-    assert PackedDocuments(torch.zeros(1, 8), False).classify(0, 0, 0, rank1, 2) is True
+    assert docs.classify(1, one, one, rank1, 2) is False     # one document on both sides
+    assert PackedDocuments(torch.zeros(1, 8), False).classify(0, one, one, rank1, 2) is True
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -191,9 +191,12 @@ def test_swapped_rank_inputs_fail_to_match(one_module):
     assert min(worst.values()) > 1e-2, worst
 
 
-def test_attention_graph_has_no_f64(world):
-    """The project's XLA rule: no f64 in a step's graph (Trainium has no f64 arithmetic)."""
+def test_attention_graph_has_no_64_bit_type(world):
+    """The project's XLA rule: no f64 in a step's graph (Trainium has no f64 arithmetic), and
+    here no s64 either, so JAX executed these modules with ``jax_enable_x64`` off."""
     _, _, modules, _, _ = world
     # Booleans first: pytest's rendering of a failed `in` on the module text takes seconds.
-    f64 = [("F64" in m.hlo_text, any(a.dtype == "float64" for a in m.inputs)) for m in modules]
-    assert f64 == [(False, False)] * len(modules), f"(f64 op, f64 input) per rank: {f64}"
+    f64 = [("F64" in m.hlo_text, any(a.dtype == "float64" for a in m.inputs), m.needs_x64)
+           for m in modules]
+    assert f64 == [(False, False, False)] * len(modules), \
+        f"(f64 op, f64 input, any 64-bit type) per rank: {f64}"

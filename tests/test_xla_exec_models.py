@@ -1,13 +1,20 @@
-"""One training step of transformed Llama / Mistral executed on XLA at TP2 x CP2.
+"""One training step of transformed Llama / Mistral executed on XLA at TP2 x CP2: ONE module.
 
 Every rank's step (forward, loss, backward, CP gradient reduction, AdamW step, then the full
-gradients and parameters gathered over TP) is lowered in this torch-xla process and executed by
-``tests/xla_exec.py``: 4 XLA:CPU processes, the TP and CP collectives running over gloo. One
-module per rank holds all four (architecture, comm type) steps. Reference: the unmodified
-transformers model in fp32 on the same full batch, one AdamW step (``tests/test_models.py``'s
-model and batch builders: hidden 64, 2 layers, 4 heads, sequence 256, batch 2; Llama with GQA
-and llama3 rope scaling, Mistral with MQA and a sliding window of 48 < sequence).
+gradients and parameters gathered over TP) is lowered in this torch-xla process. The four
+ranks' graphs must be the same HLO (after ``normalise_hlo``): the TP and CP ranks, the
+embedding's vocabulary range and the vocab-parallel loss's columns are device data. Then rank
+0's module alone is executed by ``tests/xla_exec.py`` for all 4 ranks, each feeding its own
+inputs (its weight shards, batch shard and rank values), the TP and CP collectives running
+over gloo. One module holds all four (architecture, comm type) steps. Reference: the
+unmodified transformers model in fp32 on the same full batch, one ``torch.optim.AdamW`` step
+(``tests/test_models.py``'s model and batch builders: hidden 64, 2 layers, 4 heads, sequence
+256, batch 2; Llama with GQA and llama3 rope scaling, Mistral with MQA and a sliding window of
+48 < sequence). The transformed models step with ``nxd_cp.optim.AdamW`` (torch's AdamW math,
+no f64 on XLA); Llama p2p uses vocab-parallel logits (TP-split cross entropy).
 """
+import re
+
 import pytest
 import torch
 
@@ -15,27 +22,30 @@ pytest.importorskip("torch_xla")
 pytest.importorskip("jax")
 
 from test_models import configure, make_batch, make_model, rel  # noqa: E402
-from xla_exec import execute, lower_world  # noqa: E402
+from xla_exec import execute, lower_world, normalise_hlo  # noqa: E402
 
 TP, CP, WORLD = 2, 2, 4
 LR, EPS = 1e-3, 1e-6  # eps as in test_models.py (exactly-zero gradients, see there)
 CASES = [(a, c) for a in ("llama", "mistral") for c in ("p2p", "all_gather")]
+VOCAB_PARALLEL = {("llama", "p2p")}
 
 
-def training_step(rank):
+def training_step(rank, cases=CASES):
     """This rank's step of every case: loss, full gradients and full parameters after it."""
     import torch_xla
 
     from nxd_cp.data import get_batch_on_this_context_parallel_rank
     from nxd_cp.grads import allreduce_context_parallel_gradients
     from nxd_cp.models import full_gradients, full_state_dict, transform
+    from nxd_cp.optim import AdamW
 
     dev = torch_xla.device()
     outputs = {}
-    for arch, comm in CASES:
-        model = transform(make_model(arch), configure(comm)).to(dev)
+    for arch, comm in cases:
+        model = transform(make_model(arch), configure(comm),
+                          vocab_parallel_logits=(arch, comm) in VOCAB_PARALLEL).to(dev)
         model.tie_weights()  # moving to XLA unties Mistral's embeddings (docs/models.md)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
+        opt = AdamW(model.parameters(), lr=LR, eps=EPS)
         batch = {k: v.to(dev) for k, v in
                  get_batch_on_this_context_parallel_rank(make_batch(100)).items()}
         loss = model(**batch).loss
@@ -63,9 +73,31 @@ def reference(arch):
 
 @pytest.fixture(scope="module")
 def run():
+    """Every rank's lowered step, and rank 0's module executed by all 4 ranks."""
     modules = lower_world(training_step, WORLD, tensor_model_parallel_size=TP,
                           context_parallel_size=CP)
-    return modules, execute(modules, timeout=500)
+    got = execute(modules[0], world_size=WORLD, inputs=[m.inputs for m in modules], timeout=500)
+    return modules, got
+
+
+def test_every_rank_lowers_the_same_step_graph_without_f64(run):
+    """TP2 x CP2: one graph for the 4 ranks (what neuron_parallel_compile would compile once),
+    and no f64 anywhere in it (Trainium has no f64 arithmetic)."""
+    modules, _ = run
+    graphs = {normalise_hlo(m.text) for m in modules}
+    assert len(graphs) == 1, f"{len(graphs)} distinct graphs over {WORLD} ranks"
+    assert not re.search(r"\bf64\[", modules[0].text)
+
+
+def test_python_int_ranks_lower_different_graphs(monkeypatch):
+    """Negative control of the equality above: with the ranks as Python ints (the
+    torch.distributed form) TP ranks 0 and 1 lower different graphs (the vocab ranges, the
+    gathered logits' own chunk in backward)."""
+    from nxd_cp.comm.xla import XlaTransport
+    monkeypatch.setattr(XlaTransport, "rank_value", lambda self, device: self.rank)
+    step = lambda rank: training_step(rank, cases=[("llama", "p2p")])  # noqa: E731
+    modules = lower_world(step, 2, tensor_model_parallel_size=2)
+    assert normalise_hlo(modules[0].text) != normalise_hlo(modules[1].text)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])

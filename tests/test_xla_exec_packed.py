@@ -21,8 +21,7 @@ pytest.importorskip("jax")
 from nxd_cp.attention import context_parallel_attention  # noqa: E402
 from nxd_cp.sharding import sequence_positions, shard_sequence  # noqa: E402
 from test_attention_packed import reference  # noqa: E402
-from test_attention_xla import _normalise  # noqa: E402
-from xla_exec import execute, lower_world  # noqa: E402
+from xla_exec import execute, lower_world, normalise_hlo  # noqa: E402
 
 CP, S, D = 2, 32, 16
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
@@ -64,10 +63,11 @@ def step_for(layout_name):
             def shard(t, dim):
                 return shard_sequence(t, dim, r, CP, lb, seq_idx=ids).to(dev)
             ql, kl, vl = (shard(t, 2).requires_grad_() for t in (q, k, v))
-            pos = sequence_positions(S, r, CP, lb, seq_idx=ids).expand(2, -1).to(dev)
+            # int32 as the data function returns seq_idx (an int64 input is an s64 parameter)
+            pos = sequence_positions(S, r, CP, lb, seq_idx=ids).expand(2, -1).int().to(dev)
             out = context_parallel_attention(
                 ql, kl, vl, comm_type=case["comm"], window_size=case["window"],
-                load_balance=lb, key_padding_mask=shard(keep, 1), seq_idx=shard(ids, 1),
+                load_balance=lb, key_padding_mask=shard(keep, 1), seq_idx=shard(ids.int(), 1),
                 position_ids=pos)
             out.backward(shard(dout, 2))
             outputs.update({f"{name}/out": out, f"{name}/dq": ql.grad, f"{name}/dk": kl.grad,
@@ -101,9 +101,9 @@ def worst_errors(got, want):
 def test_packed_attention_is_one_graph_and_executes():
     lowered = {name: lower_world(step_for(name), CP, context_parallel_size=CP)
                for name in LAYOUTS}
-    graphs = {_normalise(m.hlo_text) for ms in lowered.values() for m in ms}
+    graphs = {normalise_hlo(m.text) for ms in lowered.values() for m in ms}
     assert len(graphs) == 1, "ranks or document layouts lowered different graphs"
-    text = lowered["A"][0].hlo_text
+    text = lowered["A"][0].text
     assert not re.search(r"\b[fs]64\[", text), "f64 / s64 in the packed attention graph"
     # rank 0's module of layout A, run by both ranks on their layout-B inputs
     got = execute(lowered["A"][0], world_size=CP, inputs=[m.inputs for m in lowered["B"]],

@@ -24,12 +24,13 @@ modules and inputs of different ranks is how a negative control is built.
 
 Pitfalls (see docs/troubleshooting.md): the XLA device must exist before any CPU backward
 (tests/conftest.py); ``XLA_ALWAYS_ALLREDUCE=1`` or a 1-device all-reduce lowers to nothing;
-graphs carry an f64 scalar (comparisons with Python floats), hence ``jax_enable_x64``.
+JAX runs a module with ``jax_enable_x64`` only where it has a 64-bit type (s64 token ids).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -45,12 +46,29 @@ _BF16 = "bfloat16"  # numpy has no bfloat16: stored as uint16 bits, dtype name b
 
 @dataclass
 class Lowered:
-    """One rank's module: HloModuleProto bytes, its parameters in order, its output names."""
+    """One rank's module: HloModuleProto bytes, its parameters in order, its output names;
+    ``hlo_text`` the proto in text form, ``text`` the HLO text (``normalise_hlo`` compares it
+    across ranks)."""
 
     hlo: bytes
     inputs: List[np.ndarray]
     names: List[str]
     hlo_text: str = ""
+    text: str = ""
+
+    @property
+    def needs_x64(self) -> bool:
+        """Whether the module has 64-bit parameters or values (JAX then needs x64)."""
+        return bool(re.search(r"\b[fsu]64\[", self.text)) if self.text else True
+
+
+def normalise_hlo(text: str) -> str:
+    """HLO text without instruction / computation names and source metadata: two ranks lower
+    the same graph iff their normalised texts are equal."""
+    text = re.sub(r", metadata=\{[^}]*\}", "", text)
+    text = re.sub(r"%[\w.\-]+", "%x", text)
+    text = re.sub(r"\b[A-Za-z_][\w\-]*\.\d+\b", "x", text)
+    return re.sub(r"HloModule [\w.\-]+", "HloModule m", text)
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -92,8 +110,9 @@ def lower_world(step: Callable[[int], Dict[str, "object"]], world_size: int,
         params = ctx.parameter_id_tensor_mapping()
         if sorted(params) != list(range(len(params))):
             raise RuntimeError(f"rank {rank}: parameter ids {sorted(params)} are not 0..n-1")
+        text = torch_xla._XLAC._get_xla_tensors_hlo([outputs[n] for n in names])
         modules.append(Lowered(ctx.hlo(), [_to_numpy(params[i]) for i in range(len(params))],
-                               names, ctx.hlo_text()))
+                               names, ctx.hlo_text(), text))
         for n in names:  # bf16 outputs come back as uint16 bits
             if _dtype_name(outputs[n]) == _BF16:
                 modules[-1].names[names.index(n)] = n + ":" + _BF16
@@ -117,7 +136,7 @@ def _write(directory: str, modules: Sequence[Lowered], inputs: Sequence[List[np.
         np.savez(os.path.join(directory, f"inputs{r}.npz"),
                  **{f"p{i}": a for i, a in enumerate(inputs[r])})
         with open(os.path.join(directory, f"rank{r}.json"), "w") as f:
-            json.dump({"module": paths[key], "names": m.names}, f)
+            json.dump({"module": paths[key], "names": m.names, "x64": m.needs_x64}, f)
 
 
 def execute(modules: Union[Lowered, Sequence[Lowered]], world_size: Optional[int] = None,
@@ -220,16 +239,17 @@ def _run_processes(directory: str, world: int, timeout: float) -> None:
 def _worker(rank: int, world: int, port: int, directory: str) -> None:
     import jax
 
-    # Graphs carry f64 scalars (comparisons with Python floats such as -inf).
-    jax.config.update("jax_enable_x64", True)
+    with open(os.path.join(directory, f"rank{rank}.json")) as f:
+        spec = json.load(f)
+    # Without x64 JAX would turn 64-bit inputs (token ids: s64) into 32-bit ones; graphs
+    # without any 64-bit type run with it off.
+    jax.config.update("jax_enable_x64", spec["x64"])
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=world,
                                process_id=rank, initialization_timeout=120)
     from jax._src import xla_bridge
     from jax._src.lib import _jax, xla_client
 
-    with open(os.path.join(directory, f"rank{rank}.json")) as f:
-        spec = json.load(f)
     with open(spec["module"], "rb") as f:
         computation = xla_client.XlaComputation(f.read())
     devices = sorted(jax.devices(), key=lambda dv: dv.id)  # replica r = process r's device

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from nxd_cp.attention.fused import CpuFlashKernel, CudaSdpaKernel
-from nxd_cp.attention.kernels import BlockKernel, TorchBlockKernel
+from nxd_cp.attention.kernels import EMPTY_LSE, BlockKernel, TorchBlockKernel
 from nxd_cp.attention.schedule import BlockMask
 
 KERNEL_ENV = "NXD_CP_KERNEL"
@@ -77,11 +77,15 @@ def block_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     ``documents.DocumentMask`` (packed documents), ANDed too. Returns ``out`` fp32
     ``[B, Hq, Sq, D]`` and ``lse`` fp32 ``[B, Hq, Sq]``, the natural-log logsumexp of
     ``scale * q.k`` over the visible keys. Rows with no visible key: ``out = 0``,
-    ``lse = -inf``. Dispatches on ``q.device.type``.
+    ``lse = EMPTY_LSE`` (the lowest finite fp32; a registered kernel may return ``-inf``
+    there, which is raised to it). Dispatches on ``q.device.type``.
     """
     kernel = _select(q, k, v, mask, kv_keep, documents)
-    return kernel.forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep,
-                          **_document_kwargs(documents))
+    out, lse = kernel.forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep,
+                              **_document_kwargs(documents))
+    if not isinstance(kernel, TorchBlockKernel):
+        lse = lse.clamp_min(EMPTY_LSE)
+    return out, lse
 
 
 def block_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
@@ -94,7 +98,7 @@ def block_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     results of the rows (over all KV blocks), not this block's partials; ``dout`` has ``q``'s
     shape, any float dtype. Returns fp32 ``dq``, ``dk``, ``dv`` with the shapes of ``q``, ``k``,
     ``v`` (``dk``/``dv`` summed over the query heads of each KV head). Rows with
-    ``lse = -inf`` contribute nothing.
+    ``lse = EMPTY_LSE`` (no visible key) contribute nothing.
     """
     kernel = _select(q, k, v, mask, kv_keep, documents)
     return kernel.backward(dout, q, k, v, out, lse, scale=scale, mask=mask, kv_keep=kv_keep,
@@ -107,7 +111,7 @@ class _LocalAttention(torch.autograd.Function):
         out, lse = block_attention_forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep,
                                            documents=documents)
         # Saved in the input dtype (as the CP paths and FlashAttention do) and in [B, S, H, D]
-        # memory order (see merge.empty_accumulators).
+        # memory order (see loop.ContextParallelAttention).
         b, h, s, d = q.shape
         out = q.new_empty((b, s, h, d)).transpose(1, 2).copy_(out)
         ctx.save_for_backward(q, k, v, out, lse, kv_keep)

@@ -24,13 +24,13 @@ data in the same graph for every batch and every rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from nxd_cp.attention.parts import Part, RankIndex, take
-from nxd_cp.attention.schedule import ALL, Plan
+from nxd_cp.attention.parts import RankIndex, Selection
+from nxd_cp.attention.schedule import Plan
 from nxd_cp.comm.base import Transport
 
 
@@ -81,7 +81,7 @@ class PackedDocuments:
         ids = self.docs[0]
         local = []
         for p in range(plan.parts):
-            part = take(ids, 1, p, plan)
+            part = Selection((p,)).take(ids, 1, plan)
             rising = (part[:, 1:] >= part[:, :-1]).all(dim=1).to(torch.int32)
             local.append(torch.stack([part.amin(1), part.amax(1), rising], dim=1))
         table = torch.stack(local).unsqueeze(0)  # [1, parts, B, 3]
@@ -91,33 +91,35 @@ class PackedDocuments:
         _check_order(table, plan, self.per_document)
         self._ranges = [[[(lo, hi) for lo, hi, _ in part] for part in r] for r in table]
 
-    def _part_ranges(self, r: int, part: int) -> Ranges:
+    def _part_ranges(self, r: int, sel: Selection) -> Ranges:
+        """Per-row ranges of rank ``r``'s static selection (one part, or the whole shard)."""
         parts = self._ranges[r]
-        if part != ALL:
+        if sel.parts is not None:
+            (part,) = sel.parts
             return parts[part]
         return [(min(lo for lo, _ in row), max(hi for _, hi in row)) for row in zip(*parts)]
 
-    def classify(self, step: int, q_part: Part, k_part: Part, rank: RankIndex,
+    def classify(self, step: int, q_sel: Selection, k_sel: Selection, rank: RankIndex,
                  cp_size: int) -> Optional[bool]:
         """Whether a product needs the document term: None = no shared document (skip it),
         False = one document on both sides (no term), True = the term. Device-data rank: True."""
         if self._ranges is None:
             return True
         r = rank.value
-        q = self._part_ranges(r, q_part)
-        k = self._part_ranges((r - step) % cp_size, k_part)
+        q = self._part_ranges(r, q_sel)
+        k = self._part_ranges((r - step) % cp_size, k_sel)
         if all(qh < kl or kh < ql for (ql, qh), (kl, kh) in zip(q, k)):
             return None
         single = all(ql == qh == kl == kh for (ql, qh), (kl, kh) in zip(q, k))
         return True if self.window is not None or not single else False
 
-    def mask(self, pairs: Sequence[Tuple[Part, Part]], k_docs: Tensor, plan: Plan) -> DocumentMask:
-        """The ``DocumentMask`` of a call stacking ``pairs`` (Q part, KV part) on the batch dim;
-        ``k_docs`` ``[N, B, S_local]`` is the visiting shard's ``docs``."""
-        def stacked(x: Tensor, which: int) -> Tensor:
-            parts = [take(x, 2, pair[which], plan) for pair in pairs]
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        q, k = stacked(self.docs, 0), stacked(k_docs, 1)
+    def mask(self, q_sel: Selection, k_sel: Selection, k_docs: Tensor,
+             plan: Plan) -> DocumentMask:
+        """The ``DocumentMask`` of a call reading ``q_sel`` / ``k_sel`` (parts stacked on the
+        batch dim, as the call's q and k); ``k_docs`` ``[N, B, S_local]`` is the visiting
+        shard's ``docs``."""
+        q = q_sel.take(self.docs, 2, plan, batch=1)
+        k = k_sel.take(k_docs, 2, plan, batch=1)
         if self.window is None:
             return DocumentMask(q[0], k[0])
         return DocumentMask(q[0], k[0], q[1], k[1], self.window)

@@ -3,15 +3,18 @@
 Layouts: ``q`` ``[B, Hq, Sq, D]``, ``k``/``v`` ``[B, Hkv, Sk, D]`` with ``Hq % Hkv == 0``; query
 head ``h`` reads KV head ``h // (Hq // Hkv)`` (the ``repeat_interleave`` convention of SDPA's
 ``enable_gqa``). ``out`` fp32 ``[B, Hq, Sq, D]``, ``lse`` fp32 ``[B, Hq, Sq]`` (natural log).
-Which keys a query sees comes from global positions (``BlockMask``, static ints or device data),
-an optional key-padding mask ``kv_keep`` bool ``[B, Sk]`` and, for packed documents, an optional
-``documents`` term (``documents.DocumentMask``: same document, data), all ANDed.
+A row that sees no key has ``out = 0`` and ``lse = EMPTY_LSE``, the lowest finite fp32: merges
+and the backward's ``exp(s - lse)`` then need no NaN guard (masked scores are ``-inf``).
+Which keys a query sees comes from ``tile_visibility``: global positions (``BlockMask``, static
+ints or device data) and data masks travelling with the keys (``kv_keep`` bool ``[B, Sk]``;
+for packed documents a ``documents`` term, ``documents.DocumentMask``: same document), ANDed.
 
 ``TorchBlockKernel`` is the reference, the CPU fallback and — with large tiles — the XLA kernel
 (``dispatch.XLA_BLOCK``): on XLA every tile is unrolled into the graph, so large tiles keep the
-graph small and let the compiler tile the matmuls. No f64 and no s64 in what it lowers to:
-comparisons are against tensors of the same dtype (a Python scalar operand of a comparison
-lowers to f64/s64), positions are int32.
+graph small and let the compiler tile the matmuls. Written for a compact lowering: ``einsum``
+(one HLO dot each), the scale folded into Q once, no f64 and no s64 (comparisons are against
+tensors of the same dtype: a Python scalar operand of a comparison lowers to f64/s64;
+positions are int32).
 """
 from __future__ import annotations
 
@@ -25,20 +28,47 @@ from nxd_cp.attention.schedule import BlockMask, Visibility, visibility
 DEFAULT_TILE_Q = 256
 DEFAULT_TILE_K = 512
 
+EMPTY_LSE = torch.finfo(torch.float32).min  # lse of a row that sees no key
 _NEG_INF = float("-inf")
-_LOWEST = torch.finfo(torch.float32).min
+
+# [B, Hkv, G, tq, D] x [B, Hkv, tk, D] products of the G query heads of each KV head.
+_SCORES = "bhgqd,bhkd->bhgqk"
+_PV = "bhgqk,bhkd->bhgqd"
+_KEY_GRAD = "bhgqk,bhgqd->bhkd"  # summed over the G query heads and the rows
 
 
 def position_mask(mask: BlockMask, q0: int, q1: int, k0: int, k1: int,
                   device: torch.device) -> Tensor:
     """Bool ``[q1-q0, k1-k0]``: visibility of block-local keys ``[k0, k1)`` to queries
     ``[q0, q1)`` (int32 positions; ``mask.q_start`` may be device data)."""
-    rows = torch.arange(q1 - q0, dtype=torch.int32, device=device).unsqueeze(1)
-    cols = torch.arange(k1 - k0, dtype=torch.int32, device=device).unsqueeze(0)
-    gap = (rows - cols) + (q0 - k0 - mask.k_start) + mask.q_start
+    static = mask.q_start if isinstance(mask.q_start, int) else 0
+    start = q0 - k0 - mask.k_start + static  # query position - key position at (0, 0)
+    rows = torch.arange(start, start + q1 - q0, dtype=torch.int32, device=device)
+    cols = torch.arange(k1 - k0, dtype=torch.int32, device=device)
+    gap = rows.unsqueeze(1) - cols
+    if not isinstance(mask.q_start, int):
+        gap = gap + mask.q_start
     visible = gap >= gap.new_zeros(())
     if mask.window is not None:
         visible = visible & (gap < gap.new_full((), mask.window))
+    return visible
+
+
+def tile_visibility(mask: Optional[BlockMask], vis: Visibility, kv_keep: Optional[Tensor],
+                    q0: int, q1: int, k0: int, k1: int, device: torch.device,
+                    documents=None) -> Optional[Tensor]:
+    """Which keys of the tile each query sees: bool broadcastable to ``[B, 1, 1, tq, tk]``,
+    or None where every key is visible. Every mask is one ``&`` term here (positions, then
+    the data masks that travel with K/V)."""
+    visible = None
+    if vis is Visibility.PARTIAL:
+        visible = position_mask(mask, q0, q1, k0, k1, device)
+    if kv_keep is not None:
+        keep = kv_keep[:, None, None, None, k0:k1]  # [B, 1, 1, 1, tk]
+        visible = keep if visible is None else keep & visible
+    if documents is not None:  # packed documents: same document (and window on positions)
+        same = documents.visible(q0, q1, k0, k1)  # [B, 1, 1, tq, tk]
+        visible = same if visible is None else same & visible
     return visible
 
 
@@ -49,7 +79,8 @@ def group_heads(x: Tensor, hkv: int) -> Tensor:
 
 def finite_lse(lse: Tensor) -> Tensor:
     """``lse`` with ``-inf`` (rows with no visible key) replaced by ``+inf``, so that the
-    recomputed probabilities ``exp(s - lse)`` of those rows are 0 instead of NaN."""
+    recomputed probabilities ``exp(s - lse)`` of those rows are 0 instead of NaN (for kernels
+    that are handed an lse from elsewhere; ``EMPTY_LSE`` needs no such guard here)."""
     return torch.where(torch.isneginf(lse), float("inf"), lse)
 
 
@@ -85,8 +116,8 @@ class TorchBlockKernel:
     Every (q tile, k tile) pair is classified from the static positions: wholly invisible pairs
     are skipped, wholly visible ones run unmasked, partial ones build their mask from
     ``torch.arange``. No ``.item()`` and no branch on tensor values: one static XLA graph.
-    GQA: the ``G = Hq // Hkv`` query heads of a KV head are stacked along the row dim of one
-    matmul against that KV head, so K/V are never repeated.
+    GQA: the ``G = Hq // Hkv`` query heads of a KV head share one batched product with that KV
+    head (``einsum`` over ``[B, Hkv, G, tq, D]``), so K/V are never repeated.
     """
 
     supports_documents = True
@@ -116,72 +147,50 @@ class TorchBlockKernel:
             yield q0, q1, ktiles
 
     @staticmethod
-    def _scores(qt: Tensor, kt: Tensor, scale: float, groups: int, vis: Visibility,
-                mask: Optional[BlockMask], kv_keep: Optional[Tensor],
-                q0: int, q1: int, k0: int, k1: int, documents=None) -> Tensor:
-        """Scaled scores fp32 ``[B, Hkv, G*tq, tk]`` with invisible entries at ``-inf``.
-
-        ``qt`` fp32 ``[B, Hkv, G*tq, D]`` (rows ordered (group, position)), ``kt`` fp32
-        ``[B, Hkv, tk, D]``; ``q0..k1`` are block-local tile bounds.
-        """
-        s = torch.matmul(qt, kt.transpose(-1, -2)) * scale
-        if vis is Visibility.FULL and kv_keep is None and documents is None:
-            return s
-        s = s.unflatten(2, (groups, q1 - q0))  # [B, Hkv, G, tq, tk]
-        visible = None
-        if vis is Visibility.PARTIAL:
-            visible = position_mask(mask, q0, q1, k0, k1, s.device)
-        if kv_keep is not None:
-            keep = kv_keep[:, k0:k1].reshape(kv_keep.shape[0], 1, 1, 1, k1 - k0)
-            visible = keep if visible is None else keep & visible
-        if documents is not None:  # packed documents: same document (and window on positions)
-            same = documents.visible(q0, q1, k0, k1)
-            visible = same if visible is None else same & visible
-        return torch.where(visible, s, _NEG_INF).flatten(2, 3)
+    def _scores(qt: Tensor, kt: Tensor, visible: Optional[Tensor]) -> Tensor:
+        """Scores fp32 ``[B, Hkv, G, tq, tk]`` of the pre-scaled ``qt`` ``[B, Hkv, G, tq, D]``
+        against ``kt`` ``[B, Hkv, tk, D]``, invisible entries at ``-inf``."""
+        s = torch.einsum(_SCORES, qt, kt)
+        return s if visible is None else torch.where(visible, s, _NEG_INF)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float,
                 mask: Optional[BlockMask] = None, kv_keep: Optional[Tensor] = None,
                 documents=None) -> Tuple[Tensor, Tensor]:
         """See ``block_attention_forward``."""
-        b, hq, _, d = q.shape
         hkv = k.shape[1]
-        g = hq // hkv
-        qf, kf, vf = group_heads(q.float(), hkv), k.float(), v.float()
+        qs, kf, vf = group_heads(q.float() * scale, hkv), k.float(), v.float()
         outs, lses = [], []
         for q0, q1, ktiles in self._tiles(q, k, mask):
-            qt = qf[:, :, :, q0:q1].flatten(2, 3)  # [B, Hkv, G*tq, D]
-            rows = qt.shape[2]
+            qt = qs[:, :, :, q0:q1].contiguous()  # one copy per q tile, not per product (CPU)
             row_max = row_sum = acc = None
             for k0, k1, vis in ktiles:
-                s = self._scores(qt, kf[:, :, k0:k1], scale, g, vis, mask, kv_keep, q0, q1, k0, k1,
-                                 documents)
+                visible = tile_visibility(mask, vis, kv_keep, q0, q1, k0, k1, q.device,
+                                          documents)
+                s = self._scores(qt, kf[:, :, k0:k1], visible)
                 new_max = s.amax(-1) if row_max is None else torch.maximum(row_max, s.amax(-1))
-                # Rows that see no key have max -inf: shift them by the lowest float instead
-                # (exp still gives 0, and lse = shift + log(0) = -inf).
-                shift = new_max.clamp_min(_LOWEST)
+                # Rows that see no key have max -inf: shift them by EMPTY_LSE instead (exp
+                # still gives 0, and their lse below is EMPTY_LSE).
+                shift = new_max.clamp_min(EMPTY_LSE)
                 p = torch.exp(s - shift.unsqueeze(-1))
-                pv = torch.matmul(p, vf[:, :, k0:k1])
+                pv = torch.einsum(_PV, p, vf[:, :, k0:k1])
                 if row_max is None:  # first tile: nothing to rescale (keeps the graph small)
                     row_sum, acc = p.sum(-1), pv
                 else:
                     rescale = torch.exp(row_max - shift)
                     row_sum = row_sum * rescale + p.sum(-1)
                     acc = acc * rescale.unsqueeze(-1) + pv
-                row_max = new_max
+                row_max = shift
             if row_max is None:  # every key tile of this row tile is invisible
-                shift = qt.new_zeros((b, hkv, rows))
-                row_sum = qt.new_zeros((b, hkv, rows))
-                acc = qt.new_zeros((b, hkv, rows, d))
-            elif len(ktiles) > 1:
-                shift = row_max.clamp_min(_LOWEST)
-            lses.append((shift + torch.log(row_sum)).unflatten(2, (g, q1 - q0)))
+                b, _, g, _, d = qt.shape
+                lses.append(qt.new_full((b, hkv, g, q1 - q0), EMPTY_LSE))
+                outs.append(qt.new_zeros((b, hkv, g, q1 - q0, d)))
+                continue
             # A row that sees a key has row_sum >= 1 (its max term is exp(0)); empty rows have
-            # row_sum = 0 and acc = 0: dividing by 1 gives out = 0.
+            # row_sum = 0 and acc = 0: dividing by 1 gives out = 0, and lse = EMPTY_LSE.
             norm = row_sum.clamp_min(1.0)
-            outs.append((acc / norm.unsqueeze(-1)).unflatten(2, (g, q1 - q0)))
-        out = _cat(outs, 3).flatten(1, 2)
-        lse = _cat(lses, 3).flatten(1, 2)
-        return out, lse
+            lses.append(row_max + torch.log(norm))
+            outs.append(acc / norm.unsqueeze(-1))
+        return _cat(outs, 3).flatten(1, 2), _cat(lses, 3).flatten(1, 2)
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  *, scale: float, mask: Optional[BlockMask] = None,
@@ -189,36 +198,32 @@ class TorchBlockKernel:
                  documents=None) -> Tuple[Tensor, Tensor, Tensor]:
         """See ``block_attention_backward``."""
         hkv = k.shape[1]
-        g = q.shape[1] // hkv
-        qf, kf, vf = group_heads(q.float(), hkv), k.float(), v.float()
+        qs, kf, vf = group_heads(q.float() * scale, hkv), k.float(), v.float()
         dof = group_heads(dout.float(), hkv)
-        delta = group_heads((dout.float() * out).sum(-1), hkv)  # rowsum(dout * merged out)
-        lse_f = group_heads(finite_lse(lse), hkv)
+        # rowsum(dout * merged out) [B, Hkv, G, Sq, 1]
+        delta = torch.einsum("bhgqd,bhgqd->bhgq", dof, group_heads(out.float(), hkv)).unsqueeze(-1)
+        lse_g = group_heads(lse, hkv).unsqueeze(-1)
         dk_tiles: Dict[int, Tensor] = {}
         dv_tiles: Dict[int, Tensor] = {}
         dq_tiles = []
         for q0, q1, ktiles in self._tiles(q, k, mask):
-            qt = qf[:, :, :, q0:q1].flatten(2, 3)
-            dot = dof[:, :, :, q0:q1].flatten(2, 3)
-            lse_t = lse_f[:, :, :, q0:q1].flatten(2, 3).unsqueeze(-1)
-            delta_t = delta[:, :, :, q0:q1].flatten(2, 3).unsqueeze(-1)
-            dq_t = torch.zeros_like(qt)
+            qt, dot = qs[:, :, :, q0:q1].contiguous(), dof[:, :, :, q0:q1].contiguous()
+            dq_t = None
             for k0, k1, vis in ktiles:
                 kt, vt = kf[:, :, k0:k1], vf[:, :, k0:k1]
-                s = self._scores(qt, kt, scale, g, vis, mask, kv_keep, q0, q1, k0, k1, documents)
-                p = torch.exp(s - lse_t)  # [B, Hkv, G*tq, tk]
-                ds = p * (torch.matmul(dot, vt.transpose(-1, -2)) - delta_t)
-                dq_t = dq_t + torch.matmul(ds, kt)
-                # The matmuls over the G*tq rows sum dK/dV over the query heads of a KV head.
-                dk_t = torch.matmul(ds.transpose(-1, -2), qt)
-                dv_t = torch.matmul(p.transpose(-1, -2), dot)
-                dk_tiles[k0] = dk_tiles[k0] + dk_t if k0 in dk_tiles else dk_t
-                dv_tiles[k0] = dv_tiles[k0] + dv_t if k0 in dv_tiles else dv_t
-            dq_tiles.append(dq_t.unflatten(2, (g, q1 - q0)))
+                visible = tile_visibility(mask, vis, kv_keep, q0, q1, k0, k1, q.device,
+                                          documents)
+                p = torch.exp(self._scores(qt, kt, visible) - lse_g[:, :, :, q0:q1])
+                ds = p * (torch.einsum(_SCORES, dot, vt) - delta[:, :, :, q0:q1])
+                dq_part = torch.einsum(_PV, ds, kt)
+                dq_t = dq_part if dq_t is None else dq_t + dq_part
+                # qt carries the scale: dk = scale * ds^T q, summed over the query heads.
+                dk_t, dv_t = torch.einsum(_KEY_GRAD, ds, qt), torch.einsum(_KEY_GRAD, p, dot)
+                dk_tiles[k0] = dk_t + dk_tiles[k0] if k0 in dk_tiles else dk_t
+                dv_tiles[k0] = dv_t + dv_tiles[k0] if k0 in dv_tiles else dv_t
+            dq_tiles.append(torch.zeros_like(qt) if dq_t is None else dq_t)
         dq = _cat(dq_tiles, 3).flatten(1, 2) * scale
-        dk = self._gather_tiles(dk_tiles, kf) * scale
-        dv = self._gather_tiles(dv_tiles, vf)
-        return dq, dk, dv
+        return dq, self._gather_tiles(dk_tiles, kf), self._gather_tiles(dv_tiles, vf)
 
     def _gather_tiles(self, tiles: Dict[int, Tensor], like: Tensor) -> Tensor:
         """Concatenate per-k-tile gradients ``{k0: [B, Hkv, tk, D]}``; absent tiles are 0."""

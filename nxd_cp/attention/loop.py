@@ -15,15 +15,14 @@ fetched again in backward.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from nxd_cp.attention.dispatch import block_attention_backward, block_attention_forward
-from nxd_cp.attention.documents import PackedDocuments
-from nxd_cp.attention.parts import Part, PartAccumulator, RankIndex, merge_part, take
-from nxd_cp.attention.schedule import ALL
+from nxd_cp.attention.documents import DocumentMask, PackedDocuments
+from nxd_cp.attention.parts import Call, PartMerge, PartSum, RankIndex, Selection
 from nxd_cp.attention.schedule import Plan
 from nxd_cp.comm.base import Transport
 
@@ -49,66 +48,39 @@ class KVStream:
         raise NotImplementedError
 
 
-def _keep(keep: Optional[Tensor], part, plan: Plan) -> Optional[Tensor]:
-    return None if keep is None else take(keep, 1, part, plan).bool()
+def _keys(sel: Selection, kv: Tensor, keep: Optional[Tensor], plan: Plan):
+    """k, v ``[P*B, Hkv, c, D]`` and keep (bool ``[P*B, c]`` or None) of a call."""
+    kv = sel.take(kv, 3, plan, batch=1)
+    return kv[0], kv[1], None if keep is None else sel.take(keep, 1, plan).bool()
 
 
-def _calls(rank: RankIndex, plan: Plan, products, documents: Optional[PackedDocuments] = None,
-           step: int = 0) -> List[Tuple[List[Tuple[Part, Part]], Any, bool]]:
-    """Kernel calls of one step: ``([(q part, kv part), ...], mask, document term?)``.
-
-    With the rank as device data, unmasked products of equal shapes (the two half-by-half
-    products of a zigzag causal step) run as one call, stacked on the batch dim: one kernel in
-    the graph per step instead of two. With a Python-int rank every product is its own call,
-    and with packed documents one that shares no document with its K/V part is skipped.
-    """
-    resolved = [r for r in (rank.resolve(p, plan) for p in products) if r is not None]
-    if rank.is_static:
-        calls = []
-        for qp, kp, mask in resolved:
-            term = (False if documents is None
-                    else documents.classify(step, qp, kp, rank, plan.cp_size))
-            if term is not None:
-                calls.append(([(qp, kp)], mask, term))
-        return calls
-    calls, stackable = [], {}
-    for qp, kp, mask in resolved:
-        whole = (isinstance(qp, int) and qp == ALL, isinstance(kp, int) and kp == ALL)
-        if mask is None:
-            stackable.setdefault(whole, []).append((qp, kp))
-        else:
-            calls.append(([(qp, kp)], mask, documents is not None))
-    return [(pairs, None, documents is not None) for pairs in stackable.values()] + calls
-
-
-def _stack(parts: List[Tensor]) -> Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-
-
-def _unstack(x: Tensor, n: int) -> Tuple[Tensor, ...]:
-    return (x,) if n == 1 else x.chunk(n, dim=0)
+def _calls(stream: KVStream, plan: Plan, step: int, docs: Optional[Tensor],
+           documents: Optional[PackedDocuments]
+           ) -> List[Tuple[Selection, Selection, object, Optional[DocumentMask]]]:
+    """The plan's calls of ``step`` (``RankIndex.calls``) with their document term: with packed
+    documents a call whose parts share no document is skipped (Python-int rank only)."""
+    calls: List[Call] = stream.rank.calls(plan, plan.steps[step])
+    if documents is None:
+        return [(qs, ks, mask, None) for qs, ks, mask in calls]
+    out = []
+    for qs, ks, mask in calls:
+        term = documents.classify(step, qs, ks, stream.rank, plan.cp_size)
+        if term is not None:
+            out.append((qs, ks, mask, documents.mask(qs, ks, docs, plan) if term else None))
+    return out
 
 
 def forward_blocks(q: Tensor, plan: Plan, stream: KVStream, scale: float,
                    documents: Optional[PackedDocuments] = None) -> Tuple[Tensor, Tensor]:
     """out fp32 ``[B, Hq, S_local, D]`` and lse fp32 ``[B, Hq, S_local]``."""
-    b, h, _, d = q.shape
-    c = plan.part_len
-    out = PartAccumulator(plan, 2, lambda: q.new_zeros((b, h, c, d), dtype=torch.float32))
-    lse = PartAccumulator(plan, 2, lambda: q.new_full((b, h, c), float("-inf"),
-                                                      dtype=torch.float32))
+    acc = PartMerge(plan, q)
     for step, kv, keep, docs in stream.blocks():
-        for pairs, mask, term in _calls(stream.rank, plan, plan.steps[step], documents, step):
-            o, l = block_attention_forward(
-                _stack([take(q, 2, qp, plan) for qp, _ in pairs]),
-                _stack([take(kv[0], 2, kp, plan) for _, kp in pairs]),
-                _stack([take(kv[1], 2, kp, plan) for _, kp in pairs]), scale=scale, mask=mask,
-                kv_keep=None if keep is None else _stack([_keep(keep, kp, plan)
-                                                          for _, kp in pairs]),
-                documents=documents.mask(pairs, docs, plan) if term else None)
-            for (qp, _), o_i, l_i in zip(pairs, _unstack(o, len(pairs)), _unstack(l, len(pairs))):
-                merge_part(out, lse, o_i, l_i, qp)
-    return out.value(), lse.value()
+        for qs, ks, mask, doc_mask in _calls(stream, plan, step, docs, documents):
+            k, v, kv_keep = _keys(ks, kv, keep, plan)
+            out, lse = block_attention_forward(qs.take(q, 2, plan), k, v, scale=scale,
+                                               mask=mask, kv_keep=kv_keep, documents=doc_mask)
+            acc.merge(qs, out, lse)
+    return acc.value()
 
 
 def backward_blocks(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, plan: Plan,
@@ -116,30 +88,19 @@ def backward_blocks(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, plan: Pla
                     documents: Optional[PackedDocuments] = None) -> Tuple[Tensor, Tensor]:
     """fp32 dq ``[B, Hq, S_local, D]`` and dkv ``[2, B, Hkv, S_local, D]`` of the local shard."""
     b, hq, _, d = q.shape
-    hkv, c = stream.kv.shape[2], plan.part_len
-    dq = PartAccumulator(plan, 2, lambda: q.new_zeros((b, hq, c, d), dtype=torch.float32))
+    hkv = stream.kv.shape[2]
+    dq = PartSum(plan, 2, 0, lambda n: q.new_zeros((b, hq, n, d), dtype=torch.float32))
     for step, kv, keep, docs in stream.blocks():
-        dk, dv = (PartAccumulator(plan, 2, lambda: q.new_zeros((b, hkv, c, d),
-                                                               dtype=torch.float32))
-                  for _ in range(2))
-        for pairs, mask, term in _calls(stream.rank, plan, plan.steps[step], documents, step):
-            qs = [qp for qp, _ in pairs]
-            ks = [kp for _, kp in pairs]
-            grads = block_attention_backward(
-                _stack([take(dout, 2, p, plan) for p in qs]),
-                _stack([take(q, 2, p, plan) for p in qs]),
-                _stack([take(kv[0], 2, p, plan) for p in ks]),
-                _stack([take(kv[1], 2, p, plan) for p in ks]),
-                _stack([take(out, 2, p, plan) for p in qs]),
-                _stack([take(lse, 2, p, plan) for p in qs]), scale=scale, mask=mask,
-                kv_keep=None if keep is None else _stack([_keep(keep, p, plan) for p in ks]),
-                documents=documents.mask(pairs, docs, plan) if term else None)
-            dq_s, dk_s, dv_s = (_unstack(g, len(pairs)) for g in grads)
-            for i, (qp, kp) in enumerate(pairs):
-                dq.add(qp, dq_s[i])
-                dk.add(kp, dk_s[i])
-                dv.add(kp, dv_s[i])
-        stream.push_grad(step, torch.stack([dk.value(), dv.value()]))
+        dkv = PartSum(plan, 3, 1, lambda n: q.new_zeros((2, b, hkv, n, d), dtype=torch.float32))
+        for qs, ks, mask, doc_mask in _calls(stream, plan, step, docs, documents):
+            k, v, kv_keep = _keys(ks, kv, keep, plan)
+            dq_c, dk_c, dv_c = block_attention_backward(
+                qs.take(dout, 2, plan), qs.take(q, 2, plan), k, v, qs.take(out, 2, plan),
+                qs.take(lse, 2, plan), scale=scale, mask=mask, kv_keep=kv_keep,
+                documents=doc_mask)
+            dq.add(qs, dq_c)
+            dkv.add(ks, torch.stack([dk_c, dv_c]))
+        stream.push_grad(step, dkv.value())
     return dq.value(), stream.local_grad()
 
 

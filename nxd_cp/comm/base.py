@@ -22,9 +22,12 @@ RANK_AS_TENSOR_ENV = "NXD_CP_RANK_AS_TENSOR"
 
 
 @functools.lru_cache(maxsize=256)
-def rank_tensor(rank: int, device: torch.device) -> torch.Tensor:
-    """``rank`` as an int32 tensor ``[1]`` on ``device``: device data (a graph input on XLA,
-    like NxD's ``SPMDRank``), created once per (rank, device) and reused every step."""
+def rank_tensor(ranks: Tuple[int, ...], rank: int, device: torch.device) -> torch.Tensor:
+    """``rank`` (this rank's index in the group ``ranks``) as an int32 tensor ``[1]`` on
+    ``device``: device data (a graph input on XLA, like NxD's ``SPMDRank``), created once per
+    (group, rank, device) and reused every step. One tensor per group: where a rank's TP and
+    CP indices are equal they must still be two graph inputs, or that rank's graph would read
+    one parameter where the others read two."""
     return torch.tensor([rank], dtype=torch.int32).to(device)
 
 
@@ -119,7 +122,7 @@ class Transport(ABC):
         must trace the same graph (XLA). ``NXD_CP_RANK_AS_TENSOR=1`` forces the tensor form
         here too, so the rank-independent schedule runs (and is tested) on gloo."""
         if os.environ.get(RANK_AS_TENSOR_ENV, "0") == "1":
-            return rank_tensor(self.rank, device)
+            return rank_tensor(self.group.ranks, self.rank, device)
         return self.rank
 
     def ring_shift(self, x: torch.Tensor, direction: int = 1) -> torch.Tensor:

@@ -29,7 +29,7 @@ class XlaTransport(Transport):
 
     def rank_value(self, device: torch.device) -> torch.Tensor:
         """The group index as device data: every rank lowers the same graph."""
-        return rank_tensor(self.rank, device)
+        return rank_tensor(self.group.ranks, self.rank, device)
 
     @property
     def replica_groups(self) -> List[List[int]]:
