@@ -91,6 +91,7 @@ def step_times(seq_len, steps):
     import torch
 
     import nxd_cp
+    from nxd_cp.testing import activate_config
 
     models = {sp: build(sp, torch.float32) for sp in (False, True)}
     opts = {sp: torch.optim.AdamW(m.parameters(), lr=1e-3) for sp, m in models.items()}
@@ -98,6 +99,7 @@ def step_times(seq_len, steps):
     times = {False: [], True: []}
     for i in range(steps + 1):
         for sp in (False, True):
+            activate_config("p2p", sequence_parallel=sp)  # the config each model was built for
             start = time.process_time()
             models[sp](**b).loss.backward()
             nxd_cp.allreduce_sequence_parallel_gradients(models[sp])

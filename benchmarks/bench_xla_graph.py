@@ -35,7 +35,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ROOT, TESTS, parser, print_table, write_json  # noqa: E402
+from common import ROOT, parser, print_table, write_json  # noqa: E402
+
+TESTS = os.path.join(ROOT, "tests")  # the XLA-execution harness (xla_exec) and test models
 
 HQ, HKV, D = 8, 2, 64
 TP, CP = 2, 2
@@ -82,11 +84,10 @@ def _step_tensors(rank: int):
     dev = torch_xla.device()
     torch_xla._XLAC._set_all_reduce_token(str(dev), None)
     with ps.explicit_rank(TP * CP, rank, TP, CP):
-        try:  # the config read by transform (older revisions took the comm type itself)
+        config = "p2p"  # older revisions: transform took the comm type itself
+        if hasattr(ps, "set_training_config"):  # now: the active config transform reads
             from nxd_cp.testing import activate_config
             config = activate_config("p2p")
-        except ImportError:
-            config = "p2p"
         model = transform(make_model("llama"), config, vocab_parallel_logits=True).to(dev)
         opt = AdamW(model.parameters(), lr=1e-3, eps=1e-6)
         batch = {k: v.to(dev) for k, v in

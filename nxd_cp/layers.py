@@ -15,10 +15,11 @@ arguments for the subset nxd_cp uses and lay parameters out as NxD does:
 | RowParallelLinear     | ``[out, in/tp]``   | ``[out]``                                    |
 | ParallelEmbedding     | ``[V/tp, H]``      | - (``[V, H/tp]`` weight if shard_across_embedding) |
 
-Full-size biases are added after the gather / all-reduce. Sharded parameters carry NxD's attributes ``tensor_model_parallel=True``, ``partition_dim``,
-``partition_stride=1`` and ``num_partitions`` (``nxd_cp.models.common.partition_of`` reads the
-layout from the layer type first, as these attributes do not survive ``.to("xla")``). Rank ``r``
-of the TP group holds the contiguous chunk ``r`` of the partition dim (stride 1).
+Full-size biases are added after the gather / all-reduce. Sharded parameters carry NxD's
+attributes ``tensor_model_parallel=True``, ``partition_dim``, ``partition_stride=1`` and
+``num_partitions`` (``nxd_cp.models.common.partition_of`` reads the layout from the layer type
+first, as these attributes do not survive ``.to("xla")``). Rank ``r`` of the TP group holds the
+contiguous chunk ``r`` of the partition dim (stride 1).
 
 SP (``sequence_parallel_enabled``, NxD's semantics): column layers all-gather the input on
 ``sequence_dimension`` (default 0; backward reduce-scatter), row layers reduce-scatter the output

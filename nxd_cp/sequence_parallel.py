@@ -244,11 +244,12 @@ def _check_not_reduced_by_nxd(model_or_params: ModelOrParams) -> None:
 def allreduce_sequence_parallel_gradients(model_or_params: ModelOrParams) -> None:
     """Sum over TP, in place, the gradients of the sequence-parallel parameters (NxD's name).
 
-    ``model_or_params``: a model from ``nxd_cp.transform`` with ``sequence_parallel=True`` in the config (its
-    parameters are found by name), or a module / optimizer / iterable whose parameters carry
-    ``sequence_parallel_enabled = True``. One all-reduce per (dtype, device); a no-op at tp == 1
-    or when no parameter is sequence-parallel. Not with NxD's optimizer when its config has
-    ``sequence_parallel=True`` (its step reduces them: ``RuntimeError``; module docstring).
+    ``model_or_params``: a model from ``nxd_cp.transform`` with ``sequence_parallel=True`` in
+    the config (its parameters are found by name), or a module / optimizer / iterable whose
+    parameters carry ``sequence_parallel_enabled = True``. One all-reduce per (dtype, device); a
+    no-op at tp == 1 or when no parameter is sequence-parallel. Not with NxD's optimizer when its
+    config has ``sequence_parallel=True`` (its step reduces them: ``RuntimeError``; module
+    docstring).
     """
     _check_not_reduced_by_nxd(model_or_params)
     grads = _sequence_parallel_grads(model_or_params)

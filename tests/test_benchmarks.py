@@ -133,7 +133,7 @@ def test_every_script_has_help():
     """``--help`` of every script, in one interpreter (an import of torch costs seconds)."""
     # bench_sequence_parallel: --quick run by run_all.sh only (its figures are asserted in
     # tests/test_sequence_parallel.py); its --help here.
-    names = SCRIPTS + ("bench_sequence_parallel", "report")
+    names = SCRIPTS + ("bench_sequence_parallel", "bench_xla_graph", "report")
     code = ("import runpy, sys\n"
             f"for name in {names!r}:\n"
             "    sys.argv = [name, '--help']\n"
