@@ -225,6 +225,21 @@ def report(rows: dict, names, args) -> None:
              f"XLA's buffer assignment. 'skipped': graphs above {args.compile_max:,} "
              f"instructions are not compiled, above {args.distinct_max:,} not lowered for "
              f"every rank (time on 2 cores).")
+    if args.s_long:
+        long_names = [n for n in names[:2] if ("attention", args.cp_long, args.s_long[0])
+                      in rows[n]]
+        per = [(s, {n: rows[n][("attention", args.cp_long, s)] for n in long_names})
+               for s in args.s_long]
+        print_table(
+            f"Long sequences: one layer's CP attention at cp={args.cp_long}, fwd + bwd",
+            ["S_local"] + [f"{label} ({' / '.join(long_names)})" for _, label in KEYS]
+            + ["s64 instr. (this checkout)"],
+            [[s] + [_cells(r, long_names, k) for k, _ in KEYS] + [_value(r["new"], "s64")]
+             for s, r in per],
+            note="As above. Above S_local = 2 x XLA_BLOCK (4,096) every product is one loop "
+                 "over Q tiles inside the graph (`attention/tile_loop.py`): the graph no longer "
+                 "grows with the sequence; its s64 instructions are the loops' scalar trip "
+                 "counters and slice indices (torch-xla's scan), no s64 tensor.")
     step = [[n] + [_value(rows[n][("step", TP * CP, 0)], k) for k, _ in KEYS]
             + [_value(rows[n][("step", TP * CP, 0)], "s64")] for n in names]
     print_table("One TP2 x CP2 training step of a tiny Llama, as lowered by torch-xla",
@@ -240,6 +255,10 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--cp", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     p.add_argument("--s-local", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--s-long", type=int, nargs="*", default=[8192, 16384, 32768],
+                   help="longer S_local, measured at --cp-long for this checkout and the "
+                        "first baseline only (older ones unroll too many tiles to lower)")
+    p.add_argument("--cp-long", type=int, default=8)
     p.add_argument("--baseline", nargs="*", default=["7de2d56", "206cd90"],
                    help="git revisions to compare (none: only this checkout)")
     p.add_argument("--compile-max", type=int, default=9000,
@@ -253,14 +272,15 @@ def main() -> None:
         print(json.dumps(worker(*json.loads(args.worker))))
         return
     if args.quick:
-        args.cp, args.s_local, args.baseline = [2, 4], [256], []
+        args.cp, args.s_local, args.baseline, args.s_long = [2, 4], [256], [], [8192]
     trees = {"new": ROOT}
     for rev in args.baseline:
         trees[rev] = _baseline_tree(rev)
     rows = {name: {} for name in trees}
     jobs = [("attention", cp, s) for cp in args.cp for s in args.s_local] + [("step", TP * CP, 0)]
-    for key in jobs:
-        for name, tree in trees.items():
+    long_jobs = [("attention", args.cp_long, s) for s in args.s_long]
+    for key in jobs + long_jobs:
+        for name, tree in (list(trees.items())[:2] if key in long_jobs else trees.items()):
             rows[name][key] = _measure(tree, *key, args)
             print(name, rows[name][key], flush=True)
     report(rows, list(trees), args)

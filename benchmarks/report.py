@@ -217,7 +217,28 @@ def findings(data: Dict[str, Optional[dict]]) -> str:
             "in forward and backward, CP K/V exchange and the gradient all-reduce, all on gloo "
             "over loopback (their CPU time counts), plus smaller kernels. 4 ranks share 2 cores "
             "here, so tokens/s of that run is not a speed-up figure.")
+    out += xla_findings(data["bench_xla_graph"])
     return "\n".join(out)
+
+
+def xla_findings(xla: Optional[dict]) -> List[str]:
+    """Why the cp=8 attention graph is above issue 14's ~3,500 instructions, where it is."""
+    if not xla:
+        return []
+    att = {r["s_local"]: r["instructions"] for r in xla["rows"]["new"]
+           if r["kind"] == "attention" and r["cp"] == 8 and "instructions" in r}
+    over = {s: n for s, n in att.items() if n > 3500}
+    if not over:
+        return []
+    within = [s for s in att if s not in over]
+    return [
+        f"- **XLA attention graph at cp=8: {min(over.values()):,}-{max(over.values()):,} "
+        f"instructions at S_local {min(over):,}-{max(over):,} (up to {max(within, default=0):,}:"
+        f" {max((att[s] for s in within), default=0):,}).** Above S_local = 2 x XLA_BLOCK every "
+        "product is a loop over Q tiles inside the graph: constant in S_local, but each of the "
+        "~2cp kernel calls carries its own loop body and slicing (~120 instructions). One loop "
+        "per ring step for all its products, or the ring itself as a loop, would take it below "
+        "the target; an NKI kernel registered for `\"xla\"` replaces the bodies."]
 
 
 def sp_reading(sp: dict) -> str:

@@ -19,6 +19,8 @@ pytest.importorskip("torch_xla")
 pytest.importorskip("jax")
 
 from nxd_cp.attention import context_parallel_attention  # noqa: E402
+from nxd_cp.attention.dispatch import register_kernel  # noqa: E402
+from nxd_cp.attention.tile_loop import TileLoopKernel  # noqa: E402
 from nxd_cp.sharding import shard_sequence  # noqa: E402
 from xla_exec import execute, lower_world  # noqa: E402
 
@@ -131,13 +133,22 @@ def errors(got, want):
     return worst
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["cp2", "cp4"])
+@pytest.fixture(scope="module", params=[(2, None), (4, None), (4, 4)],
+                ids=["cp2", "cp4", "cp4-tile-loop"])
 def world(request):
-    """cp -> (lowered modules, outputs of their execution, references): one run per world."""
-    cp = request.param
+    """(cp, XLA block) -> (lowered modules, outputs of their execution, references): one run
+    per world. The block-4 world makes every block of more than 4 x 4 scores a loop over Q
+    tiles inside the graph (``TileLoopKernel``), as XLA_BLOCK does for S_local > 4096."""
+    cp, block = request.param
     case_map = cases(cp)
-    modules = lower_world(attention_step(cp, case_map, seed=10 * cp), cp,
-                          context_parallel_size=cp)
+    previous = register_kernel("xla", TileLoopKernel(block)) if block else None
+    try:
+        modules = lower_world(attention_step(cp, case_map, seed=10 * cp), cp,
+                              context_parallel_size=cp)
+    finally:
+        if block:
+            register_kernel("xla", previous)
+    assert not block or all(" while(" in m.text for m in modules), "no tile loop lowered"
     return cp, case_map, modules, execute(modules, timeout=400), expected(cp, case_map, 10 * cp)
 
 
@@ -192,11 +203,15 @@ def test_swapped_rank_inputs_fail_to_match(one_module):
 
 
 def test_attention_graph_has_no_64_bit_type(world):
-    """The project's XLA rule: no f64 in a step's graph (Trainium has no f64 arithmetic), and
-    here no s64 either, so JAX executed these modules with ``jax_enable_x64`` off."""
+    """The project's XLA rule: no f64 in a step's graph (Trainium has no f64 arithmetic), and no
+    s64 tensor either: the only 64-bit values are the scalar trip counters of the tile loops
+    (torch-xla's scan), so JAX executed the loop-free modules with ``jax_enable_x64`` off."""
     _, _, modules, _, _ = world
+    loops = [" while(" in m.text for m in modules]
     # Booleans first: pytest's rendering of a failed `in` on the module text takes seconds.
-    f64 = [("F64" in m.hlo_text, any(a.dtype == "float64" for a in m.inputs), m.needs_x64)
-           for m in modules]
+    f64 = [("F64" in m.hlo_text, any(a.dtype == "float64" for a in m.inputs),
+            m.needs_x64 and not loop) for m, loop in zip(modules, loops)]
     assert f64 == [(False, False, False)] * len(modules), \
-        f"(f64 op, f64 input, any 64-bit type) per rank: {f64}"
+        f"(f64 op, f64 input, any 64-bit type outside a loop) per rank: {f64}"
+    s64_tensors = [bool(re.search(r"\bs64\[\d", m.text)) for m in modules]
+    assert s64_tensors == [False] * len(modules), s64_tensors

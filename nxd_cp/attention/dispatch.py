@@ -1,7 +1,8 @@
 """Kernel registry and the block-attention entry points every CP algorithm calls.
 
 ``register_kernel`` plugs a kernel in per device type (built in: the fused SDPA ops on CPU and
-CUDA, the large-tile pure-torch kernel on XLA; an NKI kernel would register for ``"xla"``).
+CUDA; on XLA ``tile_loop.TileLoopKernel``, one large pure-torch tile or a loop over tiles inside
+the graph; an NKI kernel would register for ``"xla"``).
 ``NXD_CP_KERNEL=torch`` forces the pure-torch reference kernel (small tiles) everywhere.
 Shapes as ``kernels.py``; callers (the CP algorithms, validated once by the api) pass
 consistent shapes, so nothing is re-checked per block.
@@ -18,18 +19,19 @@ from torch import Tensor
 from nxd_cp.attention.fused import CpuFlashKernel, CudaSdpaKernel
 from nxd_cp.attention.kernels import EMPTY_LSE, BlockKernel, TorchBlockKernel
 from nxd_cp.attention.schedule import BlockMask
+from nxd_cp.attention.tile_loop import TileLoopKernel
 
 KERNEL_ENV = "NXD_CP_KERNEL"
 
 REFERENCE_KERNEL = TorchBlockKernel()
-# XLA: the same kernel with large tiles. The graph holds one tile pair per block of at most
-# XLA_BLOCK x XLA_BLOCK (the zigzag halves up to S_local = 2*XLA_BLOCK are one tile), so its
-# size does not grow with the sequence; the scores buffer of a tile is
-# B * Hq * XLA_BLOCK^2 * 4 bytes. Register another TorchBlockKernel(tile_q, tile_k) for "xla"
-# to trade graph size against that buffer.
+# XLA: a block of at most XLA_BLOCK x XLA_BLOCK scores is one unrolled tile (the zigzag halves up
+# to S_local = 2*XLA_BLOCK), a larger one a loop over Q tiles inside the graph (tile_loop.py), so
+# the graph does not grow with the sequence; one tile's scores buffer is at most
+# B * Hq * XLA_BLOCK^2 * 4 bytes. Register TileLoopKernel(block) for "xla" to trade graph size
+# against that buffer.
 XLA_BLOCK = 2048
 _KERNELS: Dict[str, BlockKernel] = {"cpu": CpuFlashKernel(), "cuda": CudaSdpaKernel(),
-                                    "xla": TorchBlockKernel(XLA_BLOCK, XLA_BLOCK)}
+                                    "xla": TileLoopKernel(XLA_BLOCK)}
 
 
 def register_kernel(device_type: str, kernel: Optional[BlockKernel]) -> Optional[BlockKernel]:
@@ -83,7 +85,7 @@ def block_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     kernel = _select(q, k, v, mask, kv_keep, documents)
     out, lse = kernel.forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep,
                               **_document_kwargs(documents))
-    if not isinstance(kernel, TorchBlockKernel):
+    if not isinstance(kernel, (TorchBlockKernel, TileLoopKernel)):
         lse = lse.clamp_min(EMPTY_LSE)
     return out, lse
 

@@ -9,9 +9,10 @@ Which keys a query sees comes from ``tile_visibility``: global positions (``Bloc
 ints or device data) and data masks travelling with the keys (``kv_keep`` bool ``[B, Sk]``;
 for packed documents a ``documents`` term, ``documents.DocumentMask``: same document), ANDed.
 
-``TorchBlockKernel`` is the reference, the CPU fallback and — with large tiles — the XLA kernel
-(``dispatch.XLA_BLOCK``): on XLA every tile is unrolled into the graph, so large tiles keep the
-graph small and let the compiler tile the matmuls. Written for a compact lowering: ``einsum``
+``TorchBlockKernel`` is the reference, the CPU fallback and — as one large tile — the XLA
+kernel for blocks up to ``dispatch.XLA_BLOCK`` (larger blocks: ``tile_loop.py``): on XLA every
+tile is unrolled into the graph, so large tiles keep the graph small and let the compiler tile
+the matmuls. Written for a compact lowering: ``einsum``
 (one HLO dot each), the scale folded into Q once, no f64 and no s64 (comparisons are against
 tensors of the same dtype: a Python scalar operand of a comparison lowers to f64/s64;
 positions are int32).
@@ -37,14 +38,19 @@ _PV = "bhgqk,bhkd->bhgqd"
 _KEY_GRAD = "bhgqk,bhgqd->bhkd"  # summed over the G query heads and the rows
 
 
-def position_mask(mask: BlockMask, q0: int, q1: int, k0: int, k1: int,
-                  device: torch.device) -> Tensor:
-    """Bool ``[q1-q0, k1-k0]``: visibility of block-local keys ``[k0, k1)`` to queries
-    ``[q0, q1)`` (int32 positions; ``mask.q_start`` may be device data)."""
+def position_rows(mask: BlockMask, q0: int, q1: int, k0: int, device: torch.device) -> Tensor:
+    """int32 ``[q1-q0]``: query position minus the position of block-local key ``k0``, for the
+    block-local queries ``[q0, q1)`` (without a device-data ``mask.q_start``, which
+    ``rows_visible`` adds)."""
     static = mask.q_start if isinstance(mask.q_start, int) else 0
     start = q0 - k0 - mask.k_start + static  # query position - key position at (0, 0)
-    rows = torch.arange(start, start + q1 - q0, dtype=torch.int32, device=device)
-    cols = torch.arange(k1 - k0, dtype=torch.int32, device=device)
+    return torch.arange(start, start + q1 - q0, dtype=torch.int32, device=device)
+
+
+def rows_visible(mask: BlockMask, rows: Tensor, num_keys: int) -> Tensor:
+    """Bool ``[len(rows), num_keys]``: visibility of ``num_keys`` consecutive keys to the
+    queries whose ``position_rows`` are ``rows``."""
+    cols = torch.arange(num_keys, dtype=torch.int32, device=rows.device)
     gap = rows.unsqueeze(1) - cols
     if not isinstance(mask.q_start, int):
         gap = gap + mask.q_start
@@ -52,6 +58,13 @@ def position_mask(mask: BlockMask, q0: int, q1: int, k0: int, k1: int,
     if mask.window is not None:
         visible = visible & (gap < gap.new_full((), mask.window))
     return visible
+
+
+def position_mask(mask: BlockMask, q0: int, q1: int, k0: int, k1: int,
+                  device: torch.device) -> Tensor:
+    """Bool ``[q1-q0, k1-k0]``: visibility of block-local keys ``[k0, k1)`` to queries
+    ``[q0, q1)`` (int32 positions; ``mask.q_start`` may be device data)."""
+    return rows_visible(mask, position_rows(mask, q0, q1, k0, device), k1 - k0)
 
 
 def tile_visibility(mask: Optional[BlockMask], vis: Visibility, kv_keep: Optional[Tensor],

@@ -1,0 +1,210 @@
+"""The XLA block kernel: one tile when the block is small, a loop in the graph when it is not.
+
+A (Q block, KV block) pair of at most ``block x block`` scores runs as one unrolled tile of the
+pure-torch kernel (``kernels.TorchBlockKernel``), classified statically where it can be. A
+larger pair runs as one XLA ``While`` loop over Q tiles of ``tile_q`` rows, each tile against
+the whole KV block, ``tile_q`` the largest divisor of ``Sq`` with ``tile_q * Sk <= block**2``:
+the graph holds the loop body once, so its size no longer depends on ``S_local``, and the
+scores buffer of one iteration is at most ``B * Hq * block**2 * 4`` bytes. The loop is
+torch-xla's scan without autograd, ``_scan_impl_flat`` (the CP algorithms call forward and
+backward themselves; the public ``scan`` traces the body's autograd and stacks its saved
+activations — every tile's scores — as loop outputs):
+forward loops over Q tiles producing ``out`` / ``lse`` tiles; backward loops over Q tiles too,
+producing ``dq`` tiles and accumulating ``dk`` / ``dv`` in the loop carry.
+
+Every tensor the loop body reads is a loop input (carry or scanned), never a closure: a traced
+closure would be recomputed inside the body (a collective-permute result with it). Inside the
+loop a tile is never skipped, so a causal diagonal block computes its invisible half too
+(masked); blocks the plan knows to be invisible never reach the kernel. The loop's trip counter
+is torch-xla's ``s64[]`` scalar (the only 64-bit value it adds). Layouts as ``kernels.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from nxd_cp.attention.documents import DocumentMask
+from nxd_cp.attention.kernels import (_KEY_GRAD, _PV, _SCORES, EMPTY_LSE, TorchBlockKernel,
+                                      group_heads, position_rows, rows_visible)
+from nxd_cp.attention.schedule import BlockMask, Visibility, visibility
+
+_NEG_INF = float("-inf")
+
+
+def _scan(body, carry: List[Tensor], xs: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+    """``torch_xla``'s scan without autograd: ``body(carry, x) -> (carry, y)`` over dim 0.
+
+    The scanned tensors travel flattened to ``[n, -1]`` (a dynamic slice takes one index per
+    dimension: fewer instructions per loop) and take their shapes back inside the body."""
+    from torch_xla.experimental.scan import _scan_impl_flat  # torch-xla is optional
+    x_shapes, y_shapes = [x.shape[1:] for x in xs], []
+
+    def flat_body(c, flat_xs):
+        c, ys = body(c, [x.view(shape) for x, shape in zip(flat_xs, x_shapes)])
+        y_shapes[:] = [y.shape for y in ys]
+        return c, [y.flatten() for y in ys]
+
+    carry, ys = _scan_impl_flat(flat_body, carry, [x.flatten(1) for x in xs])
+    return carry, [y.view(-1, *shape) for y, shape in zip(ys, y_shapes)]
+
+
+def _tiles(x: Tensor, dim: int, n: int) -> Tensor:
+    """``x`` with ``dim`` cut into ``n`` equal tiles, the tile index moved first."""
+    return x.unflatten(dim, (n, x.shape[dim] // n)).movedim(dim, 0)
+
+
+def _untile(x: Tensor, dim: int) -> Tensor:
+    """Inverse of ``_tiles``: ``[n, ..., t, ...]`` -> ``[..., n * t, ...]`` at ``dim``."""
+    return x.movedim(0, dim).flatten(dim, dim + 1)
+
+
+def tile_rows(sq: int, sk: int, block: int) -> int:
+    """The largest divisor of ``sq`` whose tile of ``sk`` keys holds at most ``block**2``
+    scores (at least 1)."""
+    limit = max(1, block * block // sk)
+    return max(t for t in range(1, min(sq, limit) + 1) if sq % t == 0)
+
+
+class _Masks:
+    """The masks of one block as loop inputs: ``tensors`` go in the carry, ``rows`` (per query)
+    are scanned, and ``visible(tensors, rows)`` rebuilds the tile's visibility in the body."""
+
+    def __init__(self, mask: Optional[BlockMask], kv_keep: Optional[Tensor],
+                 documents: Optional[DocumentMask], sq: int, sk: int, device: torch.device):
+        static = mask is not None and mask.is_static
+        qs, ks = (mask.q_start, mask.k_start) if static else (0, 0)
+        self.mask = mask
+        self.positional = mask is not None and (
+            visibility(mask, qs, qs + sq, ks, ks + sk) is Visibility.PARTIAL)
+        self.dynamic_start = self.positional and not mask.is_static
+        self.kv_keep, self.documents, self.sk = kv_keep, documents, sk
+        self.tensors: List[Tensor] = []
+        self.rows: List[Tensor] = []  # each [Sq, ...] before tiling
+        if self.positional:
+            self.rows.append(position_rows(mask, 0, sq, 0, device))
+        if self.dynamic_start:
+            self.tensors.append(mask.q_start)
+        if kv_keep is not None:  # int32 in the loop: torch-xla's scan multiplies inputs by 1
+            self.tensors.append(kv_keep.to(torch.int32))
+        if documents is not None:
+            self.tensors += [documents.k_ids] + ([documents.k_pos] if documents.window else [])
+            self.rows += [documents.q_ids.transpose(0, 1)] + (
+                [documents.q_pos.transpose(0, 1)] if documents.window else [])
+
+    def visible(self, tensors: Sequence[Tensor], rows: Sequence[Tensor]) -> Optional[Tensor]:
+        """Bool broadcastable to ``[B, 1, 1, tq, Sk]``, or None (every key visible)."""
+        tensors, rows = list(tensors), list(rows)
+        visible = None
+        if self.positional:
+            mask = self.mask
+            if self.dynamic_start:
+                mask = dataclasses.replace(mask, q_start=tensors.pop(0))
+            visible = rows_visible(mask, rows.pop(0), self.sk)
+        if self.kv_keep is not None:
+            keep = tensors.pop(0).bool()[:, None, None, None, :]
+            visible = keep if visible is None else keep & visible
+        if self.documents is not None:
+            window = self.documents.window
+            k_ids = tensors.pop(0)
+            k_pos = tensors.pop(0) if window else None
+            q_ids = rows.pop(0).transpose(0, 1)
+            q_pos = rows.pop(0).transpose(0, 1) if window else None
+            same = DocumentMask(q_ids, k_ids, q_pos, k_pos, window).visible(0, q_ids.shape[1],
+                                                                            0, self.sk)
+            visible = same if visible is None else same & visible
+        return visible
+
+
+def _masked_scores(qt: Tensor, kf: Tensor, visible: Optional[Tensor]) -> Tensor:
+    s = torch.einsum(_SCORES, qt, kf)
+    return s if visible is None else torch.where(visible, s, _NEG_INF)
+
+
+class TileLoopKernel:
+    """The XLA kernel (module docstring); ``block`` bounds the scores of one tile."""
+
+    supports_documents = True
+
+    def __init__(self, block: int):
+        if block < 1:
+            raise ValueError(f"block={block} must be >= 1")
+        self.block = block
+        self.unrolled = TorchBlockKernel(block, block)
+
+    def supports(self, q, k, mask, kv_keep) -> bool:
+        return True
+
+    def _loops(self, q: Tensor, k: Tensor, mask: Optional[BlockMask]) -> bool:
+        """Whether the block runs as a loop: more than one tile, and not statically empty (the
+        unrolled kernel then computes nothing)."""
+        sq, sk = q.shape[2], k.shape[2]
+        if mask is not None and mask.is_static and visibility(
+                mask, mask.q_start, mask.q_start + sq, mask.k_start,
+                mask.k_start + sk) is Visibility.EMPTY:
+            return False
+        return sq > self.block or sk > self.block
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float,
+                mask: Optional[BlockMask] = None, kv_keep: Optional[Tensor] = None,
+                documents=None) -> Tuple[Tensor, Tensor]:
+        """See ``dispatch.block_attention_forward``."""
+        if not self._loops(q, k, mask):
+            return self.unrolled.forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep,
+                                         documents=documents)
+        hkv, sq, sk = k.shape[1], q.shape[2], k.shape[2]
+        n = sq // tile_rows(sq, sk, self.block)
+        masks = _Masks(mask, kv_keep, documents, sq, sk, q.device)
+        qs = group_heads(q.float() * scale, hkv)  # [B, Hkv, G, Sq, D]
+
+        def body(carry, xs):
+            kf, vf, extra = carry[0], carry[1], carry[2:]
+            visible = masks.visible(extra, xs[1:])
+            s = _masked_scores(xs[0], kf, visible)
+            # Rows that see no key: shifted by EMPTY_LSE, exp gives 0 and lse = EMPTY_LSE.
+            shift = s.amax(-1).clamp_min(EMPTY_LSE)
+            p = torch.exp(s - shift.unsqueeze(-1))
+            norm = p.sum(-1).clamp_min(1.0)  # >= 1 on a row that sees a key
+            out = torch.einsum(_PV, p, vf) / norm.unsqueeze(-1)
+            return carry, [out, shift + torch.log(norm)]
+
+        carry = [k.float(), v.float()] + masks.tensors
+        xs = [_tiles(qs, 3, n)] + [_tiles(r, 0, n) for r in masks.rows]
+        _, (out, lse) = _scan(body, carry, xs)
+        return _untile(out, 3).flatten(1, 2), _untile(lse, 3).flatten(1, 2)
+
+    def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 *, scale: float, mask: Optional[BlockMask] = None,
+                 kv_keep: Optional[Tensor] = None,
+                 documents=None) -> Tuple[Tensor, Tensor, Tensor]:
+        """See ``dispatch.block_attention_backward``."""
+        if not self._loops(q, k, mask):
+            return self.unrolled.backward(dout, q, k, v, out, lse, scale=scale, mask=mask,
+                                          kv_keep=kv_keep, documents=documents)
+        hkv, sq, sk = k.shape[1], q.shape[2], k.shape[2]
+        n = sq // tile_rows(sq, sk, self.block)
+        masks = _Masks(mask, kv_keep, documents, sq, sk, q.device)
+        qs = group_heads(q.float() * scale, hkv)
+        dof = group_heads(dout.float(), hkv)
+        delta = torch.einsum("bhgqd,bhgqd->bhgq", dof, group_heads(out.float(), hkv))
+        lse_g = group_heads(lse, hkv)
+
+        def body(carry, xs):
+            dk, dv, kf, vf, extra = carry[0], carry[1], carry[2], carry[3], carry[4:]
+            qt, dot, lse_t, delta_t = xs[:4]
+            visible = masks.visible(extra, xs[4:])
+            p = torch.exp(_masked_scores(qt, kf, visible) - lse_t.unsqueeze(-1))
+            ds = p * (torch.einsum(_SCORES, dot, vf) - delta_t.unsqueeze(-1))
+            # qt carries the scale: dk = scale * ds^T q, summed over the query heads.
+            dk = dk + torch.einsum(_KEY_GRAD, ds, qt)
+            dv = dv + torch.einsum(_KEY_GRAD, p, dot)
+            return [dk, dv, kf, vf] + list(extra), [torch.einsum(_PV, ds, kf)]
+
+        kf, vf = k.float(), v.float()
+        carry = [torch.zeros_like(kf), torch.zeros_like(vf), kf, vf] + masks.tensors
+        xs = [_tiles(t, 3, n) for t in (qs, dof, lse_g, delta)]
+        xs += [_tiles(r, 0, n) for r in masks.rows]
+        (dk, dv, *_), (dq,) = _scan(body, carry, xs)
+        return _untile(dq, 3).flatten(1, 2) * scale, dk, dv
