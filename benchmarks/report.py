@@ -230,11 +230,14 @@ def xla_findings(xla: Optional[dict]) -> List[str]:
     over = {s: n for s, n in att.items() if n > 3500}
     if not over:
         return []
-    within = [s for s in att if s not in over]
+    lo, hi = min(over.values()), max(over.values())
+    sizes = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+    below = [att[s] for s in att if s not in over]
+    before = f"; {max(below):,} up to S_local {max(s for s in att if s not in over):,}" \
+        if below else ""
     return [
-        f"- **XLA attention graph at cp=8: {min(over.values()):,}-{max(over.values()):,} "
-        f"instructions at S_local {min(over):,}-{max(over):,} (up to {max(within, default=0):,}:"
-        f" {max((att[s] for s in within), default=0):,}).** Above S_local = 2 x XLA_BLOCK every "
+        f"- **XLA attention graph at cp=8: {sizes} instructions at S_local "
+        f"{min(over):,}-{max(over):,}{before}.** Above S_local = 2 x XLA_BLOCK every "
         "product is a loop over Q tiles inside the graph: constant in S_local, but each of the "
         "~2cp kernel calls carries its own loop body and slicing (~120 instructions). One loop "
         "per ring step for all its products, or the ring itself as a loop, would take it below "
