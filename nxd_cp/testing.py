@@ -12,6 +12,7 @@ yours, to check a TP x CP model against its single-process version on one machin
 
     losses = run_ranks(scenario, 4, 8192, timeout=300)
 
+``visible_keys`` is the full-sequence mask (causal, sliding window) of a float64 SDPA reference.
 ``activate_config`` makes a CP config the active one for the current sizes without a process
 group too (single-process tests, XLA lowering under ``parallel_state.explicit_rank``).
 
@@ -39,6 +40,8 @@ import tempfile
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
+
+import torch
 
 
 def free_port() -> int:
@@ -180,3 +183,16 @@ def activate_config(comm_type: str = "p2p", load_balance: str = "zigzag",
     cfg = build_config(**kwargs)
     ps.set_training_config(cfg)
     return cfg.to_dict()
+
+
+def visible_keys(seq_len: int, causal: bool = True, window: Optional[int] = None) -> torch.Tensor:
+    """Bool ``[S, S]``, True where key ``j`` is visible to query ``i`` on the full sequence
+    (``j <= i`` when causal, ``i - j < window`` with a sliding window): the mask of a float64
+    SDPA reference for CP attention."""
+    i = torch.arange(seq_len)
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool)
+    if causal:
+        allowed &= i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= i[:, None] - i[None, :] < window
+    return allowed

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nxd_cp.testing import run_ranks
+from nxd_cp.testing import run_ranks, visible_keys
 from nxd_cp import parallel_state as ps
 from nxd_cp.attention import context_parallel_attention, register_kernel
 from nxd_cp.attention.kernels import TorchBlockKernel
@@ -86,12 +86,7 @@ def _broadcast_inputs(case, n_sets):
 def _reference(q, k, v, dout, keep, case):
     """SDPA in float64 on the full sequence: out and grads, plus the rows that see no key."""
     s = q.shape[2]
-    i = torch.arange(s)
-    allowed = torch.ones(s, s, dtype=torch.bool)
-    if case["causal"]:
-        allowed &= i[None, :] <= i[:, None]
-    if case["window"] is not None:
-        allowed &= i[:, None] - i[None, :] < case["window"]
+    allowed = visible_keys(s, case["causal"], case["window"])
     allowed = allowed.expand(q.shape[0], 1, s, s).clone()
     if case["padding"]:
         allowed &= keep[:, None, None, :]
@@ -151,7 +146,7 @@ def _run_case(case, rank_in_cp, cp, tp_rank, inputs):
                                            (vl.grad, dv_ref)))
         # The same attention without CP, in bf16 (SDPA on the full sequence).
         qb, kb, vb = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        mask = None if case["window"] is None else _window_mask(q.shape[2], case["window"])
+        mask = None if case["window"] is None else visible_keys(q.shape[2], True, case["window"])
         nocp = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask,
                                               is_causal=mask is None, enable_gqa=True)
         nocp.backward(dout.to(dtype))
@@ -159,11 +154,6 @@ def _run_case(case, rank_in_cp, cp, tp_rank, inputs):
                            dk=_rel(shard(kb.grad), shard(dk_ref)),
                            dv=_rel(shard(vb.grad), shard(dv_ref)))
     return got
-
-
-def _window_mask(s, window):
-    i = torch.arange(s)
-    return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
 
 
 def _scenario(rank, world, tp, cases):

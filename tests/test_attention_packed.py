@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nxd_cp.testing import run_ranks
+from nxd_cp.testing import run_ranks, visible_keys
 from nxd_cp import parallel_state as ps
 from nxd_cp.attention import context_parallel_attention, register_kernel
 from nxd_cp.attention.fused import CpuFlashKernel
@@ -85,12 +85,7 @@ def reference(q, k, v, dout, ids, keep, case, use_documents=True, dtype=torch.fl
     """SDPA (float64 by default): out and grads, causal / window / bidirectional inside each
     document; rows that see no key give 0."""
     s = q.shape[2]
-    i = torch.arange(s)
-    allowed = torch.ones(s, s, dtype=torch.bool)
-    if case["causal"]:
-        allowed &= i[None, :] <= i[:, None]
-    if case["window"] is not None:
-        allowed &= i[:, None] - i[None, :] < case["window"]
+    allowed = visible_keys(s, case["causal"], case["window"])
     allowed = allowed & keep[:, None, None, :]
     if use_documents:
         allowed = allowed & (ids[:, None, :, None] == ids[:, None, None, :])

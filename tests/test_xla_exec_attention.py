@@ -22,6 +22,7 @@ from nxd_cp.attention import context_parallel_attention  # noqa: E402
 from nxd_cp.attention.dispatch import register_kernel  # noqa: E402
 from nxd_cp.attention.tile_loop import TileLoopKernel  # noqa: E402
 from nxd_cp.sharding import shard_sequence  # noqa: E402
+from nxd_cp.testing import visible_keys  # noqa: E402
 from xla_exec import execute, lower_world  # noqa: E402
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
@@ -68,12 +69,7 @@ def full_inputs(case, cp, seed):
 def reference(q, k, v, dout, keep, case):
     """float64 SDPA with autograd on the full sequence; rows that see no key give 0."""
     s = q.shape[2]
-    i = torch.arange(s)
-    allowed = torch.ones(s, s, dtype=torch.bool)
-    if case["causal"]:
-        allowed &= i[None, :] <= i[:, None]
-    if case["window"] is not None:
-        allowed &= i[:, None] - i[None, :] < case["window"]
+    allowed = visible_keys(s, case["causal"], case["window"])
     allowed = allowed.expand(q.shape[0], 1, s, s) & keep[:, None, None, :]
     dead = ~allowed.any(-1, keepdim=True)  # [B, 1, S, 1]
     # SDPA is NaN on rows without keys: let them see their own key, drop their upstream grad.
