@@ -6,11 +6,11 @@ larger pair runs as one XLA ``While`` loop over Q tiles of ``tile_q`` rows, each
 the whole KV block, ``tile_q`` the largest divisor of ``Sq`` with ``tile_q * Sk <= block**2``:
 the graph holds the loop body once, so its size no longer depends on ``S_local``, and the
 scores buffer of one iteration is at most ``B * Hq * block**2 * 4`` bytes. The loop is
-torch-xla's scan without autograd, ``_scan_impl_flat`` (the CP algorithms call forward and
-backward themselves; the public ``scan`` traces the body's autograd and stacks its saved
-activations — every tile's scores — as loop outputs):
-forward loops over Q tiles producing ``out`` / ``lse`` tiles; backward loops over Q tiles too,
-producing ``dq`` tiles and accumulating ``dk`` / ``dv`` in the loop carry.
+torch-xla's scan without autograd (``comm.xla.scan_without_autograd``: torch-xla is called in
+``nxd_cp.comm`` only; the CP algorithms call forward and backward themselves, and the public ``scan``
+would trace the body's autograd and stack its saved activations, every tile's scores, as loop
+outputs): forward loops over Q tiles producing ``out`` / ``lse`` tiles; backward loops over Q
+tiles too, producing ``dq`` tiles and accumulating ``dk`` / ``dv`` in the loop carry.
 
 Every tensor the loop body reads is a loop input (carry or scanned), never a closure: a traced
 closure would be recomputed inside the body (a collective-permute result with it). Inside the
@@ -30,25 +30,9 @@ from nxd_cp.attention.documents import DocumentMask
 from nxd_cp.attention.kernels import (_KEY_GRAD, _PV, _SCORES, EMPTY_LSE, TorchBlockKernel,
                                       group_heads, position_rows, rows_visible)
 from nxd_cp.attention.schedule import BlockMask, Visibility, visibility
+from nxd_cp.comm.xla import scan_without_autograd
 
 _NEG_INF = float("-inf")
-
-
-def _scan(body, carry: List[Tensor], xs: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-    """``torch_xla``'s scan without autograd: ``body(carry, x) -> (carry, y)`` over dim 0.
-
-    The scanned tensors travel flattened to ``[n, -1]`` (a dynamic slice takes one index per
-    dimension: fewer instructions per loop) and take their shapes back inside the body."""
-    from torch_xla.experimental.scan import _scan_impl_flat  # torch-xla is optional
-    x_shapes, y_shapes = [x.shape[1:] for x in xs], []
-
-    def flat_body(c, flat_xs):
-        c, ys = body(c, [x.view(shape) for x, shape in zip(flat_xs, x_shapes)])
-        y_shapes[:] = [y.shape for y in ys]
-        return c, [y.flatten() for y in ys]
-
-    carry, ys = _scan_impl_flat(flat_body, carry, [x.flatten(1) for x in xs])
-    return carry, [y.view(-1, *shape) for y, shape in zip(ys, y_shapes)]
 
 
 def _tiles(x: Tensor, dim: int, n: int) -> Tensor:
@@ -172,7 +156,7 @@ class TileLoopKernel:
 
         carry = [k.float(), v.float()] + masks.tensors
         xs = [_tiles(qs, 3, n)] + [_tiles(r, 0, n) for r in masks.rows]
-        _, (out, lse) = _scan(body, carry, xs)
+        _, (out, lse) = scan_without_autograd(body, carry, xs)
         return _untile(out, 3).flatten(1, 2), _untile(lse, 3).flatten(1, 2)
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -206,5 +190,5 @@ class TileLoopKernel:
         carry = [torch.zeros_like(kf), torch.zeros_like(vf), kf, vf] + masks.tensors
         xs = [_tiles(t, 3, n) for t in (qs, dof, lse_g, delta)]
         xs += [_tiles(r, 0, n) for r in masks.rows]
-        (dk, dv, *_), (dq,) = _scan(body, carry, xs)
+        (dk, dv, *_), (dq,) = scan_without_autograd(body, carry, xs)
         return _untile(dq, 3).flatten(1, 2) * scale, dk, dv
