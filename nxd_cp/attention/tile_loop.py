@@ -7,10 +7,10 @@ the whole KV block, ``tile_q`` the largest divisor of ``Sq`` with ``tile_q * Sk 
 the graph holds the loop body once, so its size no longer depends on ``S_local``, and the
 scores buffer of one iteration is at most ``B * Hq * block**2 * 4`` bytes. The loop is
 torch-xla's scan without autograd (``comm.xla.scan_without_autograd``: torch-xla is called in
-``nxd_cp.comm`` only; the CP algorithms call forward and backward themselves, and the public ``scan``
-would trace the body's autograd and stack its saved activations, every tile's scores, as loop
-outputs): forward loops over Q tiles producing ``out`` / ``lse`` tiles; backward loops over Q
-tiles too, producing ``dq`` tiles and accumulating ``dk`` / ``dv`` in the loop carry.
+``nxd_cp.comm`` only; the CP algorithms call forward and backward themselves, and the public
+``scan`` would trace the body's autograd and stack its saved activations, every tile's scores,
+as loop outputs): forward loops over Q tiles producing ``out`` / ``lse`` tiles; backward loops
+over Q tiles too, producing ``dq`` tiles and accumulating ``dk`` / ``dv`` in the loop carry.
 
 Every tensor the loop body reads is a loop input (carry or scanned), never a closure: a traced
 closure would be recomputed inside the body (a collective-permute result with it). Inside the
