@@ -239,9 +239,10 @@ def xla_findings(xla: Optional[dict]) -> List[str]:
         f"- **XLA attention graph at cp=8: {sizes} instructions at S_local "
         f"{min(over):,}-{max(over):,}{before}.** Above S_local = 2 x XLA_BLOCK every "
         "product is a loop over Q tiles inside the graph: constant in S_local, but each of the "
-        "~2cp kernel calls carries its own loop body and slicing (~120 instructions). One loop "
-        "per ring step for all its products, or the ring itself as a loop, would take it below "
-        "the target; an NKI kernel registered for `\"xla\"` replaces the bodies."]
+        "2cp kernel calls (cp forward, cp backward) carries its own loop body and slicing (~120 "
+        "instructions). Sharing one body between the ring steps (the ring itself as a loop) "
+        "would take it below the target; an NKI kernel registered for `\"xla\"` replaces the "
+        "bodies."]
 
 
 def sp_reading(sp: dict) -> str:
