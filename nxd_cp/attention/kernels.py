@@ -97,6 +97,13 @@ def finite_lse(lse: Tensor) -> Tensor:
     return torch.where(torch.isneginf(lse), float("inf"), lse)
 
 
+def masked_scores(qt: Tensor, kt: Tensor, visible: Optional[Tensor]) -> Tensor:
+    """Scores fp32 ``[B, Hkv, G, tq, tk]`` of the pre-scaled ``qt`` ``[B, Hkv, G, tq, D]``
+    against ``kt`` ``[B, Hkv, tk, D]``, invisible entries at ``-inf``."""
+    s = torch.einsum(_SCORES, qt, kt)
+    return s if visible is None else torch.where(visible, s, _NEG_INF)
+
+
 def _cat(parts, dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
@@ -159,13 +166,6 @@ class TorchBlockKernel:
                     ktiles.append((k0, k1, vis))
             yield q0, q1, ktiles
 
-    @staticmethod
-    def _scores(qt: Tensor, kt: Tensor, visible: Optional[Tensor]) -> Tensor:
-        """Scores fp32 ``[B, Hkv, G, tq, tk]`` of the pre-scaled ``qt`` ``[B, Hkv, G, tq, D]``
-        against ``kt`` ``[B, Hkv, tk, D]``, invisible entries at ``-inf``."""
-        s = torch.einsum(_SCORES, qt, kt)
-        return s if visible is None else torch.where(visible, s, _NEG_INF)
-
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float,
                 mask: Optional[BlockMask] = None, kv_keep: Optional[Tensor] = None,
                 documents=None) -> Tuple[Tensor, Tensor]:
@@ -179,7 +179,7 @@ class TorchBlockKernel:
             for k0, k1, vis in ktiles:
                 visible = tile_visibility(mask, vis, kv_keep, q0, q1, k0, k1, q.device,
                                           documents)
-                s = self._scores(qt, kf[:, :, k0:k1], visible)
+                s = masked_scores(qt, kf[:, :, k0:k1], visible)
                 new_max = s.amax(-1) if row_max is None else torch.maximum(row_max, s.amax(-1))
                 # Rows that see no key have max -inf: shift them by EMPTY_LSE instead (exp
                 # still gives 0, and their lse below is EMPTY_LSE).
@@ -226,7 +226,7 @@ class TorchBlockKernel:
                 kt, vt = kf[:, :, k0:k1], vf[:, :, k0:k1]
                 visible = tile_visibility(mask, vis, kv_keep, q0, q1, k0, k1, q.device,
                                           documents)
-                p = torch.exp(self._scores(qt, kt, visible) - lse_g[:, :, :, q0:q1])
+                p = torch.exp(masked_scores(qt, kt, visible) - lse_g[:, :, :, q0:q1])
                 ds = p * (torch.einsum(_SCORES, dot, vt) - delta[:, :, :, q0:q1])
                 dq_part = torch.einsum(_PV, ds, kt)
                 dq_t = dq_part if dq_t is None else dq_t + dq_part

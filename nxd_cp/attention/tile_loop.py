@@ -28,12 +28,10 @@ from torch import Tensor
 
 from nxd_cp.attention.documents import DocumentMask
 from nxd_cp.attention.kernels import (_KEY_GRAD, _PV, _SCORES, EMPTY_LSE, TorchBlockKernel,
-                                      group_heads, position_rows, rows_visible)
+                                      group_heads, masked_scores, position_rows,
+                                      rows_visible)
 from nxd_cp.attention.schedule import BlockMask, Visibility, visibility
 from nxd_cp.comm.xla import scan_without_autograd
-
-_NEG_INF = float("-inf")
-
 
 def _tiles(x: Tensor, dim: int, n: int) -> Tensor:
     """``x`` with ``dim`` cut into ``n`` equal tiles, the tile index moved first."""
@@ -102,11 +100,6 @@ class _Masks:
         return visible
 
 
-def _masked_scores(qt: Tensor, kf: Tensor, visible: Optional[Tensor]) -> Tensor:
-    s = torch.einsum(_SCORES, qt, kf)
-    return s if visible is None else torch.where(visible, s, _NEG_INF)
-
-
 class TileLoopKernel:
     """The XLA kernel (module docstring); ``block`` bounds the scores of one tile."""
 
@@ -146,7 +139,7 @@ class TileLoopKernel:
         def body(carry, xs):
             kf, vf, extra = carry[0], carry[1], carry[2:]
             visible = masks.visible(extra, xs[1:])
-            s = _masked_scores(xs[0], kf, visible)
+            s = masked_scores(xs[0], kf, visible)
             # Rows that see no key: shifted by EMPTY_LSE, exp gives 0 and lse = EMPTY_LSE.
             shift = s.amax(-1).clamp_min(EMPTY_LSE)
             p = torch.exp(s - shift.unsqueeze(-1))
@@ -179,7 +172,7 @@ class TileLoopKernel:
             dk, dv, kf, vf, extra = carry[0], carry[1], carry[2], carry[3], carry[4:]
             qt, dot, lse_t, delta_t = xs[:4]
             visible = masks.visible(extra, xs[4:])
-            p = torch.exp(_masked_scores(qt, kf, visible) - lse_t.unsqueeze(-1))
+            p = torch.exp(masked_scores(qt, kf, visible) - lse_t.unsqueeze(-1))
             ds = p * (torch.einsum(_SCORES, dot, vf) - delta_t.unsqueeze(-1))
             # qt carries the scale: dk = scale * ds^T q, summed over the query heads.
             dk = dk + torch.einsum(_KEY_GRAD, ds, qt)
