@@ -65,8 +65,9 @@ def _attention_tensors(cp: int, s_local: int, rank: int):
     return [out, q.grad, k.grad, v.grad]
 
 
-def _step_tensors(rank: int):
-    """Global rank ``rank``'s TP2 x CP2 training step of the tests' tiny Llama."""
+def _step_tensors(rank: int, int32: bool = False):
+    """Global rank ``rank``'s TP2 x CP2 training step of the tests' tiny Llama (the batch in
+    int64 as tokenizers give it, or cast to int32 first)."""
     import torch
     import torch_xla
     from nxd_cp import parallel_state as ps
@@ -90,7 +91,7 @@ def _step_tensors(rank: int):
             config = activate_config("p2p")
         model = transform(make_model("llama"), config, vocab_parallel_logits=True).to(dev)
         opt = AdamW(model.parameters(), lr=1e-3, eps=1e-6)
-        batch = {k: v.to(dev) for k, v in
+        batch = {k: (v.to(torch.int32) if int32 else v).to(dev) for k, v in
                  get_batch_on_this_context_parallel_rank(make_batch(100)).items()}
         loss = model(**batch).loss
         loss.backward()
@@ -109,9 +110,14 @@ def _normalise(hlo: str) -> str:
 def _figures(hlo: str) -> dict:
     lines = [l for l in hlo.splitlines() if _INSTRUCTION.match(l)]
     ops = [m.group(1) for m in (_OPCODE.search(l) for l in lines) if m]
+    s64 = [l for l in lines if "s64[" in l]
+    # s64 compute: what is left once the int64 inputs and their one convert each are set aside.
+    entry = [l for l in s64 if re.search(r"= s64\[[\d,]*\]\S* parameter\(|"
+                                         r"= s32\[[\d,]*\]\S* convert\(s64", l)]
     return dict(instructions=len(lines), dots=ops.count("dot"),
                 collectives={c: ops.count(c) for c in COLLECTIVES if ops.count(c)},
-                f64=sum(1 for l in lines if "f64[" in l), s64=sum(1 for l in lines if "s64[" in l))
+                f64=sum(1 for l in lines if "f64[" in l), s64=len(s64),
+                s64_compute=len(s64) - len(entry))
 
 
 def worker(kind: str, cp: int, s_local: int, compile_max: int, distinct_max: int,
@@ -120,11 +126,12 @@ def worker(kind: str, cp: int, s_local: int, compile_max: int, distinct_max: int
     ``dump``."""
     import torch_xla
 
-    if kind == "step":
+    if kind in ("step", "step32"):
         from nxd_cp import parallel_state as ps
         if not hasattr(ps, "explicit_rank"):
             return dict(kind=kind, na="no parallel_state.explicit_rank in this revision")
-        world, lower, first = TP * CP, _step_tensors, 0
+        world, first = TP * CP, 0
+        lower = lambda r: _step_tensors(r, int32=kind == "step32")  # noqa: E731
     else:
         world, lower, first = cp, lambda r: _attention_tensors(cp, s_local, r), 1 % cp
     t0 = time.perf_counter()
@@ -232,23 +239,32 @@ def report(rows: dict, names, args) -> None:
                for s in args.s_long]
         print_table(
             f"Long sequences: one layer's CP attention at cp={args.cp_long}, fwd + bwd",
-            ["S_local"] + [f"{label} ({' / '.join(long_names)})" for _, label in KEYS]
-            + ["s64 instr. (this checkout)"],
-            [[s] + [_cells(r, long_names, k) for k, _ in KEYS] + [_value(r["new"], "s64")]
+            ["S_local"] + [f"{label} ({' / '.join(long_names)})"
+                           for _, label in KEYS + (("s64", "s64 instr."),)],
+            [[s] + [_cells(r, long_names, k) for k, _ in KEYS + (("s64", ""),)]
              for s, r in per],
             note="As above. Above S_local = 2 x XLA_BLOCK (4,096) every product is one loop "
-                 "over Q tiles inside the graph (`attention/tile_loop.py`): the graph no longer "
-                 "grows with the sequence; its s64 instructions are the loops' scalar trip "
-                 "counters and slice indices (torch-xla's scan), no s64 tensor.")
-    step = [[n] + [_value(rows[n][("step", TP * CP, 0)], k) for k, _ in KEYS]
-            + [_value(rows[n][("step", TP * CP, 0)], "s64")] for n in names]
+                 "over Q tiles inside the graph (`attention/tile_loop.py`, the loop "
+                 "`comm/xla_loop.py`): the graph no longer grows with the sequence. aae3bf0 "
+                 "built the loops with torch-xla's scan (s64 trip counters and slice indices, "
+                 "inputs multiplied by 1, a condition reading the whole loop state).")
+    steps = [(n, rows[n][("step", TP * CP, 0)]) for n in names]
+    if ("step32", TP * CP, 0) in rows[names[0]]:
+        steps.insert(1, (f"{names[0]}, int32 batch", rows[names[0]][("step32", TP * CP, 0)]))
+    step = [[n] + [_value(r, k) for k, _ in KEYS + (("s64", ""), ("s64_compute", ""))]
+            for n, r in steps]
     print_table("One TP2 x CP2 training step of a tiny Llama, as lowered by torch-xla",
-                ["revision"] + [label for _, label in KEYS] + ["s64 instr."], step,
+                ["revision"] + [label for _, label in KEYS]
+                + ["s64 instr.", "s64 beyond the int64 inputs"], step,
                 note="Hidden 64, 2 layers, 4 heads (2 KV), vocabulary 256, sequence 256, batch "
                      "2; forward, vocab-parallel loss, backward, CP gradient all-reduce, AdamW "
                      "(`nxd_cp.optim.AdamW` where the revision has it, else torch's); rank 0's "
-                     "graph; distinct graphs over the 4 ranks. s64: the token ids and labels "
-                     "enter as int64 (HF's convention) and torch's cross entropy reads them.")
+                     "graph; distinct graphs over the 4 ranks. The batch (token ids, labels, "
+                     "positions, mask) enters as int64 (HF's convention): 4 s64 parameters and, "
+                     "in this checkout, one convert each to s32 at the model's entry; 's64 "
+                     "beyond' counts every other s64 instruction (index arithmetic, torch's "
+                     "cross entropy and embedding backward in older revisions). Cast the batch "
+                     "to int32 and the graph has none ('int32 batch').")
 
 
 def main() -> None:
@@ -259,7 +275,7 @@ def main() -> None:
                    help="longer S_local, measured at --cp-long for this checkout and the "
                         "first baseline only (older ones unroll too many tiles to lower)")
     p.add_argument("--cp-long", type=int, default=8)
-    p.add_argument("--baseline", nargs="*", default=["7de2d56", "206cd90"],
+    p.add_argument("--baseline", nargs="*", default=["aae3bf0", "7de2d56", "206cd90"],
                    help="git revisions to compare (none: only this checkout)")
     p.add_argument("--compile-max", type=int, default=9000,
                    help="compile (time, peak memory) only graphs of at most this many "
@@ -279,8 +295,11 @@ def main() -> None:
     rows = {name: {} for name in trees}
     jobs = [("attention", cp, s) for cp in args.cp for s in args.s_local] + [("step", TP * CP, 0)]
     long_jobs = [("attention", args.cp_long, s) for s in args.s_long]
-    for key in jobs + long_jobs:
-        for name, tree in (list(trees.items())[:2] if key in long_jobs else trees.items()):
+    int32_job = ("step32", TP * CP, 0)
+    for key in jobs + long_jobs + [int32_job]:
+        # Long sequences: this checkout and the first baseline; int32 batch: this checkout.
+        subset = 1 if key == int32_job else 2 if key in long_jobs else None
+        for name, tree in list(trees.items())[:subset]:
             rows[name][key] = _measure(tree, *key, args)
             print(name, rows[name][key], flush=True)
     report(rows, list(trees), args)

@@ -152,6 +152,10 @@ def xla_headline(xla: Optional[dict]) -> List[List[str]]:
         f64 = max(r["f64"] for r in rows)
         out.append(["XLA f64 instructions (attention, TP2xCP2 step)", "0", str(f64),
                     "yes" if f64 == 0 else "NO"])
+    s64 = [r["s64_compute"] for r in rows if r.get("s64_compute") is not None]
+    if s64:
+        out.append(["XLA s64 instructions beyond the int64 inputs (attention, TP2xCP2 step)",
+                    "0", str(max(s64)), "yes" if max(s64) == 0 else "NO"])
     return out
 
 

@@ -18,8 +18,11 @@ from nxd_cp.layers import _default_linear_init, _init_shard, _TPLayer
 class _SumOverReplicas(torch.autograd.Function):
     """Identity forward; backward sums the gradient over the TP ranks that hold the same slot.
 
-    Each rank writes its gradient into slot ``slot`` of a zero ``[n_slots, ...]`` buffer, the
-    buffer is all-reduced over TP and the rank keeps its slot: the sum over its replicas.
+    ``slot`` is a Python int (torch.distributed) or an int32 0-d device tensor (XLA: one graph
+    for every TP rank). Each rank puts its gradient into its slot of a zero ``[n_slots, ...]``
+    buffer, the buffer is all-reduced over TP and the rank reads its slot back: the sum over
+    its replicas. The result is a tensor of its own, not a view of the buffer (an in-place
+    write into a gradient view is a dynamic-update-slice with s64 indices on XLA).
     """
 
     @staticmethod
@@ -29,9 +32,15 @@ class _SumOverReplicas(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        buf = g.new_zeros((ctx.n_slots,) + tuple(g.shape))
-        buf[ctx.slot] = g
-        return ctx.transport.all_reduce(buf)[ctx.slot], None, None, None
+        if ctx.n_slots == 1:
+            return ctx.transport.all_reduce(g), None, None, None
+        if isinstance(ctx.slot, int):
+            buf = g.new_zeros((ctx.n_slots,) + tuple(g.shape))
+            buf[ctx.slot] = g
+            return ctx.transport.all_reduce(buf)[ctx.slot].clone(), None, None, None
+        slots = torch.arange(ctx.n_slots, dtype=torch.int32, device=g.device)
+        mine = (slots == ctx.slot).to(g.dtype).view((-1,) + (1,) * g.dim())  # one-hot [n, 1..]
+        return (ctx.transport.all_reduce(mine * g) * mine).sum(0), None, None, None
 
 
 class ReplicatedKVLinear(_TPLayer):
@@ -70,8 +79,11 @@ class ReplicatedKVLinear(_TPLayer):
         t = self._transport(x)
         w, b = self.weight, self.bias
         if t.size > 1:
-            w = _SumOverReplicas.apply(w, self.head, self.num_kv_heads, t)
-            b = None if b is None else _SumOverReplicas.apply(b, self.head, self.num_kv_heads, t)
+            rank = t.rank_value(x.device)  # an int, or device data on XLA
+            head = (rank // self.replicas if isinstance(rank, int)
+                    else torch.div(rank.reshape(()), self.replicas, rounding_mode="floor"))
+            w = _SumOverReplicas.apply(w, head, self.num_kv_heads, t)
+            b = None if b is None else _SumOverReplicas.apply(b, head, self.num_kv_heads, t)
         x = x if self.input_communicated else cg.copy_to_group(x, t)
         return getattr(x, "nxd_cp_linear", F.linear)(x, w, b)
 

@@ -288,7 +288,10 @@ class FallbackParallelEmbedding(_TPLayer):
         ids = ids.to(torch.int32)
         local = ids - rank * per  # [...], in [0, per) inside this rank's range
         inside = (local >= local.new_zeros(())) & (local < local.new_full((), per))
-        out = F.embedding(torch.where(inside, local, torch.zeros_like(local)), self.weight)
+        local = torch.where(inside, local, torch.zeros_like(local))
+        # index_select, not F.embedding: its backward compares the ids with Python ints
+        # (s64 on XLA); index_add with int32 ids does not.
+        out = self.weight.index_select(0, local.flatten()).unflatten(0, local.shape)
         out = out * inside.unsqueeze(-1).to(out.dtype)
         if self.padding_idx is not None:  # nn.Embedding: the pad row gets no gradient
             is_pad = ids == ids.new_full((), self.padding_idx)

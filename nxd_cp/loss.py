@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
@@ -48,16 +47,16 @@ def fallback_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor,
     logits = vocab_parallel_logits.float()
     per = logits.shape[-1]
     # The max only stabilises the exponent; gathering [.., tp] maxima avoids a max all-reduce.
-    with torch.no_grad():
-        local_max = logits.max(dim=-1, keepdim=True).values
-        m = cg.gather_from_group(local_max, -1, t).max(dim=-1, keepdim=True).values
+    with torch.no_grad():  # amax, not max: no int64 argmax in the graph
+        local_max = logits.amax(dim=-1, keepdim=True)
+        m = cg.gather_from_group(local_max, -1, t).amax(dim=-1, keepdim=True)
     shifted = logits - m
     sum_exp = cg.reduce_from_group(shifted.exp().sum(dim=-1), t)
     # The range start is device data (one graph on every TP rank); index arithmetic in int32.
     local_t = target.to(torch.int32) - t.rank_value(logits.device) * per
     inside = (local_t >= local_t.new_zeros(())) & (local_t < local_t.new_full((), per))
     local_t = torch.where(inside, local_t, torch.zeros_like(local_t))
-    picked = shifted.gather(-1, local_t.long().unsqueeze(-1)).squeeze(-1)
+    picked = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)
     picked = cg.reduce_from_group(picked * inside, t)
     return sum_exp.log() - picked
 
@@ -75,7 +74,7 @@ def parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Te
         from neuronx_distributed.parallel_layers.loss_functions import \
             parallel_cross_entropy as nxd_cross_entropy
         logits = vocab_parallel_logits.to(torch.float32, copy=True)
-        return nxd_cross_entropy(logits, target, label_smoothing)
+        return nxd_cross_entropy(logits, target.long(), label_smoothing)
     if label_smoothing:
         raise NotImplementedError(f"label_smoothing={label_smoothing} needs NeuronX "
                                   "Distributed's parallel_cross_entropy (the fallback has none)")
@@ -83,10 +82,14 @@ def parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Te
 
 
 def _per_token_loss(logits: torch.Tensor, target: torch.Tensor, vocab_parallel: bool):
-    """Per-token loss ``[N]`` in fp32 of logits ``[N, V]`` (``[N, V/tp]`` if vocab-parallel)."""
+    """Per-token loss ``[N]`` in fp32 of logits ``[N, V]`` (``[N, V/tp]`` if vocab-parallel),
+    target int32 ``[N]`` in ``[0, V)``."""
     if vocab_parallel and ps.get_tensor_model_parallel_size() > 1:
         return parallel_cross_entropy(logits, target).float()
-    return F.cross_entropy(logits.float(), target, reduction="none")
+    # F.cross_entropy(reduction="none") written with an int32 gather: torch's takes int64
+    # targets only, which on XLA puts s64 index arithmetic in the graph.
+    logits = logits.float()
+    return logits.logsumexp(-1) - logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
 def context_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
@@ -115,7 +118,7 @@ def context_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     # Label arithmetic in int32 against tensors (XLA: no s64 compute, no Python-scalar operand).
     target = labels.reshape(-1).to(flat.device).to(torch.int32)
     valid = target != target.new_full((), ignore_index)
-    target = torch.where(valid, target, torch.zeros_like(target)).long()
+    target = torch.where(valid, target, torch.zeros_like(target))
     per_token = _per_token_loss(flat, target, vocab_parallel)
     valid = valid.to(per_token.dtype)
     local_sum = (per_token * valid).sum()

@@ -131,26 +131,32 @@ def _embedding(fails):
 
 
 def _replicated_kv(fails):
-    """1 KV head, TP2: both ranks hold it; each back-propagates its own query heads' part."""
+    """TP2. 1 KV head: both ranks hold it, each back-propagates its own query heads' part and
+    the replicas' sums meet; 2 KV heads: one each (a slot per rank, nothing to sum)."""
     from nxd_cp import parallel_state as ps
     from nxd_cp.layers import ReplicatedKVLinear
 
-    r = ps.get_tensor_model_parallel_rank()
-    layer = ReplicatedKVLinear(IN, num_kv_heads=1, head_dim=4, bias=True)
-    w, b = _same(13, 4, IN).requires_grad_(), _same(14, 4).requires_grad_()
-    with torch.no_grad():
-        layer.weight.copy_(w)
-        layer.bias.copy_(b)
-    x = _same(15, 2, 3, IN)
-    gs = [_same(16 + i, 2, 3, 4) for i in range(2)]  # upstream grads of the two replicas
-    xl = x.clone().requires_grad_()
-    layer(xl).backward(gs[r])
-    xr = x.clone().requires_grad_()
-    sum(F.linear(xr, w, b) * g for g in gs).sum().backward()
-    for name, got, want in (("weight.grad", layer.weight.grad, w.grad),
-                            ("bias.grad", layer.bias.grad, b.grad), ("x.grad", xl.grad, xr.grad)):
-        if not _close(got, want):
-            fails.append(f"replicated kv {name}")
+    r, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_size()
+    for kv_heads in (1, 2):
+        layer = ReplicatedKVLinear(IN, num_kv_heads=kv_heads, head_dim=4, bias=True)
+        w, b = _same(13, 4, IN).requires_grad_(), _same(14, 4).requires_grad_()
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        x = _same(15, 2, 3, IN)
+        gs = [_same(16 + i, 2, 3, 4) for i in range(tp)]  # upstream grads of the TP ranks
+        xl = x.clone().requires_grad_()
+        layer(xl).backward(gs[r])
+        replicas = tp // kv_heads  # the ranks holding this rank's head sum their w/b grads
+        sum(F.linear(x, w, b) * gs[i] for i in range(tp)
+            if i // replicas == r // replicas).sum().backward()
+        xr = x.clone().requires_grad_()  # x's gradient is summed over every TP rank
+        sum(F.linear(xr, w.detach(), b.detach()) * g for g in gs).sum().backward()
+        for name, got, want in (("weight.grad", layer.weight.grad, w.grad),
+                                ("bias.grad", layer.bias.grad, b.grad),
+                                ("x.grad", xl.grad, xr.grad)):
+            if not _close(got, want):
+                fails.append(f"replicated kv ({kv_heads} heads) {name}")
 
 
 def _vocab_parallel_ce(fails):
@@ -269,7 +275,7 @@ def tp2cp2(rank, world):
     # Again with the ranks as device data (XLA's form: one graph for every TP rank) on gloo.
     os.environ[RANK_AS_TENSOR_ENV] = "1"
     tensor_fails = []
-    for check in (_column, _embedding, _vocab_parallel_ce):
+    for check in (_column, _embedding, _replicated_kv, _vocab_parallel_ce):
         check(tensor_fails)
     fails += [f"{f} (rank as tensor)" for f in tensor_fails]
     out["loss_rank_as_tensor"] = _cp_loss()

@@ -199,15 +199,12 @@ def test_swapped_rank_inputs_fail_to_match(one_module):
 
 
 def test_attention_graph_has_no_64_bit_type(world):
-    """The project's XLA rule: no f64 in a step's graph (Trainium has no f64 arithmetic), and no
-    s64 tensor either: the only 64-bit values are the scalar trip counters of the tile loops
-    (torch-xla's scan), so JAX executed the loop-free modules with ``jax_enable_x64`` off."""
+    """The project's XLA rule: no f64 in a step's graph (Trainium has no f64 arithmetic) and no
+    s64 (the tile loops count in s32), so JAX executed every module with ``jax_enable_x64``
+    off."""
     _, _, modules, _, _ = world
-    loops = [" while(" in m.text for m in modules]
     # Booleans first: pytest's rendering of a failed `in` on the module text takes seconds.
-    f64 = [("F64" in m.hlo_text, any(a.dtype == "float64" for a in m.inputs),
-            m.needs_x64 and not loop) for m, loop in zip(modules, loops)]
-    assert f64 == [(False, False, False)] * len(modules), \
-        f"(f64 op, f64 input, any 64-bit type outside a loop) per rank: {f64}"
-    s64_tensors = [bool(re.search(r"\bs64\[\d", m.text)) for m in modules]
-    assert s64_tensors == [False] * len(modules), s64_tensors
+    found = [("F64" in m.hlo_text, any(a.dtype in ("float64", "int64") for a in m.inputs),
+              bool(re.search(r"\b[fs]64\[", m.text)), m.needs_x64) for m in modules]
+    assert found == [(False, False, False, False)] * len(modules), \
+        f"(f64 op, 64-bit input, f64/s64 in the text, needs x64) per rank: {found}"

@@ -11,7 +11,9 @@ unmodified transformers model in fp32 on the same full batch, one ``torch.optim.
 (``tests/test_models.py``'s model and batch builders: hidden 64, 2 layers, 4 heads, sequence
 256, batch 2; Llama with GQA and llama3 rope scaling, Mistral with MQA and a sliding window of
 48 < sequence). The transformed models step with ``nxd_cp.optim.AdamW`` (torch's AdamW math,
-no f64 on XLA); Llama p2p uses vocab-parallel logits (TP-split cross entropy).
+no f64 on XLA); Llama p2p uses vocab-parallel logits (TP-split cross entropy). Batches enter
+as int32 (docs/trn1.md), except Mistral all_gather's, int64 as tokenizers give them: the model
+converts those once at its entry.
 """
 import re
 
@@ -28,6 +30,7 @@ TP, CP, WORLD = 2, 2, 4
 LR, EPS = 1e-3, 1e-6  # eps as in test_models.py (exactly-zero gradients, see there)
 CASES = [(a, c) for a in ("llama", "mistral") for c in ("p2p", "all_gather")]
 VOCAB_PARALLEL = {("llama", "p2p")}
+INT64_BATCH = {("mistral", "all_gather")}
 
 
 def training_step(rank, cases=CASES):
@@ -46,7 +49,8 @@ def training_step(rank, cases=CASES):
                           vocab_parallel_logits=(arch, comm) in VOCAB_PARALLEL).to(dev)
         model.tie_weights()  # moving to XLA unties Mistral's embeddings (docs/models.md)
         opt = AdamW(model.parameters(), lr=LR, eps=EPS)
-        batch = {k: v.to(dev) for k, v in
+        dtype = torch.int64 if (arch, comm) in INT64_BATCH else torch.int32
+        batch = {k: v.to(dtype).to(dev) for k, v in
                  get_batch_on_this_context_parallel_rank(make_batch(100)).items()}
         loss = model(**batch).loss
         loss.backward()
@@ -82,11 +86,18 @@ def run():
 
 def test_every_rank_lowers_the_same_step_graph_without_f64(run):
     """TP2 x CP2: one graph for the 4 ranks (what neuron_parallel_compile would compile once),
-    and no f64 anywhere in it (Trainium has no f64 arithmetic)."""
+    no f64 anywhere in it (Trainium has no f64 arithmetic) and no s64 compute: s64 only as the
+    int64 batch's parameters and their one convert each to s32."""
     modules, _ = run
     graphs = {normalise_hlo(m.text) for m in modules}
     assert len(graphs) == 1, f"{len(graphs)} distinct graphs over {WORLD} ranks"
     assert not re.search(r"\bf64\[", modules[0].text)
+    s64 = [line.split(", metadata")[0] for line in modules[0].text.splitlines()
+           if "s64[" in line and re.match(r"\s+(ROOT )?%", line)]  # instructions
+    params = [l for l in s64 if re.search(r"= s64\[[\d,]+\]\S* parameter\(", l)]
+    converts = [l for l in s64 if re.search(r"= s32\[[\d,]+\]\S* convert\(s64", l)]
+    # The int64 case's input_ids, labels, position_ids, attention_mask: 4 each.
+    assert (len(params), len(converts), len(s64)) == (4, 4, 8), s64
 
 
 def test_python_int_ranks_lower_different_graphs(monkeypatch):

@@ -6,17 +6,17 @@ larger pair runs as one XLA ``While`` loop over Q tiles of ``tile_q`` rows, each
 the whole KV block, ``tile_q`` the largest divisor of ``Sq`` with ``tile_q * Sk <= block**2``:
 the graph holds the loop body once, so its size no longer depends on ``S_local``, and the
 scores buffer of one iteration is at most ``B * Hq * block**2 * 4`` bytes. The loop is
-torch-xla's scan without autograd (``comm.xla.scan_without_autograd``: torch-xla is called in
-``nxd_cp.comm`` only; the CP algorithms call forward and backward themselves, and the public
-``scan`` would trace the body's autograd and stack its saved activations, every tile's scores,
-as loop outputs): forward loops over Q tiles producing ``out`` / ``lse`` tiles; backward loops
-over Q tiles too, producing ``dq`` tiles and accumulating ``dk`` / ``dv`` in the loop carry.
+``comm.xla_loop.while_scan`` (torch-xla is called in ``nxd_cp.comm`` only; no autograd: the CP
+algorithms call forward and backward themselves, and torch-xla's public ``scan`` would trace the
+body's autograd and stack its saved activations, every tile's scores, as loop outputs): forward
+loops over Q tiles producing ``out`` / ``lse`` tiles; backward loops over Q tiles too, producing
+``dq`` tiles and accumulating ``dk`` / ``dv`` in the loop carry.
 
-Every tensor the loop body reads is a loop input (carry or scanned), never a closure: a traced
-closure would be recomputed inside the body (a collective-permute result with it). Inside the
-loop a tile is never skipped, so a causal diagonal block computes its invisible half too
-(masked); blocks the plan knows to be invisible never reach the kernel. The loop's trip counter
-is torch-xla's ``s64[]`` scalar (the only 64-bit value it adds). Layouts as ``kernels.py``.
+Every tensor the loop body reads is a loop input (carry, scanned, or read-only ``consts``: K/V
+and masks), never a closure: a traced closure would be recomputed inside the body (a
+collective-permute result with it). Inside the loop a tile is never skipped, so a causal
+diagonal block computes its invisible half too (masked); blocks the plan knows to be invisible
+never reach the kernel. The loop counts in ``s32``. Layouts as ``kernels.py``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from nxd_cp.attention.kernels import (_KEY_GRAD, _PV, _SCORES, EMPTY_LSE, TorchB
                                       group_heads, masked_scores, position_rows,
                                       rows_visible)
 from nxd_cp.attention.schedule import BlockMask, Visibility, visibility
-from nxd_cp.comm.xla import scan_without_autograd
+from nxd_cp.comm.xla_loop import while_scan
+
 
 def _tiles(x: Tensor, dim: int, n: int) -> Tensor:
     """``x`` with ``dim`` cut into ``n`` equal tiles, the tile index moved first."""
@@ -51,7 +52,7 @@ def tile_rows(sq: int, sk: int, block: int) -> int:
 
 
 class _Masks:
-    """The masks of one block as loop inputs: ``tensors`` go in the carry, ``rows`` (per query)
+    """The masks of one block as loop inputs: ``tensors`` are read-only, ``rows`` (per query)
     are scanned, and ``visible(tensors, rows)`` rebuilds the tile's visibility in the body."""
 
     def __init__(self, mask: Optional[BlockMask], kv_keep: Optional[Tensor],
@@ -69,8 +70,8 @@ class _Masks:
             self.rows.append(position_rows(mask, 0, sq, 0, device))
         if self.dynamic_start:
             self.tensors.append(mask.q_start)
-        if kv_keep is not None:  # int32 in the loop: torch-xla's scan multiplies inputs by 1
-            self.tensors.append(kv_keep.to(torch.int32))
+        if kv_keep is not None:
+            self.tensors.append(kv_keep)
         if documents is not None:
             self.tensors += [documents.k_ids] + ([documents.k_pos] if documents.window else [])
             self.rows += [documents.q_ids.transpose(0, 1)] + (
@@ -86,7 +87,7 @@ class _Masks:
                 mask = dataclasses.replace(mask, q_start=tensors.pop(0))
             visible = rows_visible(mask, rows.pop(0), self.sk)
         if self.kv_keep is not None:
-            keep = tensors.pop(0).bool()[:, None, None, None, :]
+            keep = tensors.pop(0)[:, None, None, None, :]
             visible = keep if visible is None else keep & visible
         if self.documents is not None:
             window = self.documents.window
@@ -136,8 +137,8 @@ class TileLoopKernel:
         masks = _Masks(mask, kv_keep, documents, sq, sk, q.device)
         qs = group_heads(q.float() * scale, hkv)  # [B, Hkv, G, Sq, D]
 
-        def body(carry, xs):
-            kf, vf, extra = carry[0], carry[1], carry[2:]
+        def body(carry, xs, consts):
+            kf, vf, extra = consts[0], consts[1], consts[2:]
             visible = masks.visible(extra, xs[1:])
             s = masked_scores(xs[0], kf, visible)
             # Rows that see no key: shifted by EMPTY_LSE, exp gives 0 and lse = EMPTY_LSE.
@@ -147,9 +148,8 @@ class TileLoopKernel:
             out = torch.einsum(_PV, p, vf) / norm.unsqueeze(-1)
             return carry, [out, shift + torch.log(norm)]
 
-        carry = [k.float(), v.float()] + masks.tensors
         xs = [_tiles(qs, 3, n)] + [_tiles(r, 0, n) for r in masks.rows]
-        _, (out, lse) = scan_without_autograd(body, carry, xs)
+        _, (out, lse) = while_scan(body, [], xs, [k.float(), v.float()] + masks.tensors)
         return _untile(out, 3).flatten(1, 2), _untile(lse, 3).flatten(1, 2)
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -168,8 +168,8 @@ class TileLoopKernel:
         delta = torch.einsum("bhgqd,bhgqd->bhgq", dof, group_heads(out.float(), hkv))
         lse_g = group_heads(lse, hkv)
 
-        def body(carry, xs):
-            dk, dv, kf, vf, extra = carry[0], carry[1], carry[2], carry[3], carry[4:]
+        def body(carry, xs, consts):
+            (dk, dv), (kf, vf), extra = carry, consts[:2], consts[2:]
             qt, dot, lse_t, delta_t = xs[:4]
             visible = masks.visible(extra, xs[4:])
             p = torch.exp(masked_scores(qt, kf, visible) - lse_t.unsqueeze(-1))
@@ -177,11 +177,11 @@ class TileLoopKernel:
             # qt carries the scale: dk = scale * ds^T q, summed over the query heads.
             dk = dk + torch.einsum(_KEY_GRAD, ds, qt)
             dv = dv + torch.einsum(_KEY_GRAD, p, dot)
-            return [dk, dv, kf, vf] + list(extra), [torch.einsum(_PV, ds, kf)]
+            return [dk, dv], [torch.einsum(_PV, ds, kf)]
 
         kf, vf = k.float(), v.float()
-        carry = [torch.zeros_like(kf), torch.zeros_like(vf), kf, vf] + masks.tensors
         xs = [_tiles(t, 3, n) for t in (qs, dof, lse_g, delta)]
         xs += [_tiles(r, 0, n) for r in masks.rows]
-        (dk, dv, *_), (dq,) = scan_without_autograd(body, carry, xs)
+        (dk, dv), (dq,) = while_scan(body, [torch.zeros_like(kf), torch.zeros_like(vf)], xs,
+                                     [kf, vf] + masks.tensors)
         return _untile(dq, 3).flatten(1, 2) * scale, dk, dv

@@ -7,7 +7,7 @@ compiler schedules the collective-permute against the compute around it.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List
 
 import torch
 
@@ -66,21 +66,3 @@ class XlaTransport(Transport):
         pairs = ring_pairs(self.replica_groups, direction)
         return PendingTensor(_xm().collective_permute(x, pairs=pairs))
 
-
-def scan_without_autograd(body, carry: List[torch.Tensor], xs: List[torch.Tensor]
-                          ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """An XLA ``While`` loop: ``body(carry, x) -> (carry, y)`` over dim 0 of every ``xs``
-    (torch-xla's scan without its autograd tracing; used by ``attention/tile_loop.py``).
-
-    The scanned tensors travel flattened to ``[n, -1]`` (a dynamic slice takes one index per
-    dimension: fewer instructions per loop) and take their shapes back inside the body."""
-    from torch_xla.experimental.scan import _scan_impl_flat  # torch-xla is optional
-    x_shapes, y_shapes = [x.shape[1:] for x in xs], []
-
-    def flat_body(c, flat_xs):
-        c, ys = body(c, [x.view(shape) for x, shape in zip(flat_xs, x_shapes)])
-        y_shapes[:] = [y.shape for y in ys]
-        return c, [y.flatten() for y in ys]
-
-    carry, ys = _scan_impl_flat(flat_body, carry, [x.flatten(1) for x in xs])
-    return carry, [y.view(-1, *shape) for y, shape in zip(ys, y_shapes)]

@@ -66,6 +66,23 @@ def _causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None,
                                           num_items_in_batch=num_items_in_batch)
 
 
+_INTEGER_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask", "seq_idx")
+
+
+def _int32_on_xla(args, kwargs):
+    """int64 token ids, labels, positions and masks on an XLA device -> int32: one convert per
+    input at the graph's entry, no s64 index arithmetic after it (int32 inputs: no s64 at
+    all)."""
+    def cast(x):
+        if isinstance(x, torch.Tensor) and x.dtype == torch.int64 and x.device.type == "xla":
+            return x.to(torch.int32)
+        return x
+    for key in _INTEGER_INPUTS:
+        if key in kwargs:
+            kwargs[key] = cast(kwargs[key])
+    return tuple(cast(a) for a in args[:1]) + tuple(args[1:]), kwargs
+
+
 def _check_inputs(model: nn.Module, args, kwargs):
     """Forward pre-hook: what a CP forward needs, checked before any collective runs (the
     attention validates the shard length and layout itself)."""
@@ -93,7 +110,7 @@ def _check_inputs(model: nn.Module, args, kwargs):
         raise ValueError("position_ids is required with context_parallel_size > 1: RoPE needs "
                          "the global positions of this rank's tokens (get_batch_on_this_"
                          "context_parallel_rank adds them)")
-    return args, kwargs
+    return _int32_on_xla(args, kwargs)
 
 
 def _parallel_modules(model: nn.Module, spec: ArchSpec, sizes: Dict[str, int],
