@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from common import forced_kernel, interleaved_medians, machine_stamp, parser, print_table, write_json  # noqa: E402
 from feed import fed_rank_attention  # noqa: E402
 from nxd_cp.attention import BlockMask, local_attention  # noqa: E402
-from nxd_cp.sharding import shard_sequence  # noqa: E402
+from nxd_cp.sequence.layout import shard_sequence  # noqa: E402
 
 TARGET = 0.85
 HQ, HKV, D = 32, 8, 128

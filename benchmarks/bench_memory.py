@@ -61,7 +61,7 @@ def decoder_layer_bytes(seq_len: int, comm, hf_reference: bool = False) -> int:
 
     from nxd_cp import count_saved_bytes, parallel_state as ps
     from nxd_cp.models import transform
-    from nxd_cp.sharding import sequence_positions
+    from nxd_cp.sequence.layout import sequence_positions
     from nxd_cp.testing import activate_config
 
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ Two ways to give each CP rank its tokens:
 * **zigzag over the row** (what ``load_balance="zigzag"`` does today): the row is cut into
   ``2*cp`` equal chunks and rank ``r`` holds chunks ``r`` and ``2*cp-1-r``, ignoring documents.
 * **per_document** (``load_balance="per_document"``, the layout nxd_cp ships, measured on the
-  library's own ``nxd_cp.sharding.document_index``): every document is cut into ``2*cp``
+  library's own ``nxd_cp.sequence.layout.document_index``): every document is cut into ``2*cp``
   contiguous pieces without padding (sizes differ by one token, the extra tokens dealt
   round-robin over the row) and rank ``i`` holds pieces ``i`` and ``2*cp-1-i`` of every
   document.
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import parser, print_table, write_json  # noqa: E402
-from nxd_cp.sharding import document_index  # noqa: E402
+from nxd_cp.sequence.layout import document_index  # noqa: E402
 
 SIGMA = 1.0
 

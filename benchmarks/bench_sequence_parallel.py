@@ -51,7 +51,7 @@ def build(sp, dtype):
 def batch(seq_len, seed=0):
     import torch
 
-    from nxd_cp.data import get_batch_on_this_context_parallel_rank
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, CONFIG["vocab_size"], (1, seq_len), generator=g)
@@ -113,7 +113,7 @@ def step_times(seq_len, steps):
 
 def measure(rank, world, seq_len, e2e_seq, steps):
     from nxd_cp import parallel_state as ps
-    from nxd_cp import sequence_parallel as spm
+    from nxd_cp.tensor_parallel import sequence_parallel as spm
 
     out = {"layers": [], "e2e": None}
     for tp, cp in LAYOUTS:

@@ -51,7 +51,7 @@ def _attention_tensors(cp: int, s_local: int, rank: int):
     import torch
     import torch_xla
     from nxd_cp.attention import context_parallel_attention
-    from nxd_cp.comm.base import GroupSpec
+    from nxd_cp.topology.groups import GroupSpec
 
     dev = torch_xla.device()
     torch_xla._XLAC._set_all_reduce_token(str(dev), None)
@@ -71,11 +71,11 @@ def _step_tensors(rank: int, int32: bool = False):
     import torch
     import torch_xla
     from nxd_cp import parallel_state as ps
-    from nxd_cp.data import get_batch_on_this_context_parallel_rank
-    from nxd_cp.grads import allreduce_context_parallel_gradients
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
+    from nxd_cp.training.grads import allreduce_context_parallel_gradients
     from nxd_cp.models import transform
     try:
-        from nxd_cp.optim import AdamW
+        from nxd_cp.training.optim import AdamW
     except ImportError:  # older revisions: torch's (f64 scalars on XLA)
         AdamW = torch.optim.AdamW
     if TESTS not in sys.path:
@@ -258,7 +258,7 @@ def report(rows: dict, names, args) -> None:
                 + ["s64 instr.", "s64 beyond the int64 inputs"], step,
                 note="Hidden 64, 2 layers, 4 heads (2 KV), vocabulary 256, sequence 256, batch "
                      "2; forward, vocab-parallel loss, backward, CP gradient all-reduce, AdamW "
-                     "(`nxd_cp.optim.AdamW` where the revision has it, else torch's); rank 0's "
+                     "(`nxd_cp.training.optim.AdamW` where the revision has it, else torch's); rank 0's "
                      "graph; distinct graphs over the 4 ranks. The batch (token ids, labels, "
                      "positions, mask) enters as int64 (HF's convention): 4 s64 parameters and, "
                      "in this checkout, one convert each to s32 at the model's entry; 's64 "

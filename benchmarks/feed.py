@@ -24,8 +24,9 @@ import torch
 
 from nxd_cp.attention.all_gather import all_gather_attention
 from nxd_cp.attention.ring import ring_attention
-from nxd_cp.comm.base import GroupSpec, PendingTensor, Transport
-from nxd_cp.sharding import shard_sequence
+from nxd_cp.comm.base import PendingTensor, Transport
+from nxd_cp.topology.groups import GroupSpec
+from nxd_cp.sequence.layout import shard_sequence
 
 ALGORITHMS = {"p2p": ring_attention, "all_gather": all_gather_attention}
 

@@ -28,7 +28,7 @@ from torch import nn
 
 import nxd_cp
 from nxd_cp import parallel_state as ps
-from nxd_cp.layers import (ColumnParallelLinear, ParallelEmbedding, ReplicatedKVLinear,
+from nxd_cp.tensor_parallel.layers import (ColumnParallelLinear, ParallelEmbedding, ReplicatedKVLinear,
                            RowParallelLinear)
 
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4  # fp32: the project's forward / gradient parity bounds

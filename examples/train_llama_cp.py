@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     if model.config.tie_word_embeddings:
         model.tie_weights()  # moving to an XLA device unties shared parameters
     # torch's AdamW; on XLA its update lowers without f64 scalars (docs/trn1.md)
-    optimizer = nxd_cp.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = nxd_cp.training.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     start_step = resume(args, model, optimizer, scheduler, rank)

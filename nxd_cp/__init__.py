@@ -17,21 +17,22 @@ works without it. Your own models: ``nxd_cp.nn`` (``ContextParallelAttention``,
 """
 import importlib
 
-from nxd_cp import optim, parallel_state
+from nxd_cp import parallel_state
+from nxd_cp.training import optim
 from nxd_cp.attention import context_parallel_attention
-from nxd_cp.checkpoint import (checkpoint_metadata, has_checkpoint, load_checkpoint,
+from nxd_cp.training.checkpoint import (checkpoint_metadata, has_checkpoint, load_checkpoint,
                                save_checkpoint)
 from nxd_cp.comm import count_bytes
 from nxd_cp.config import ContextParallelConfig, get_context_parallel_config
 from nxd_cp.nxd_config import neuronx_distributed_config
-from nxd_cp.data import get_batch_on_this_context_parallel_rank
-from nxd_cp.grads import (allreduce_context_parallel_gradients,
+from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
+from nxd_cp.training.grads import (allreduce_context_parallel_gradients,
                           allreduce_data_context_parallel_gradients)
-from nxd_cp.loss import context_parallel_cross_entropy
-from nxd_cp.memory import count_saved_bytes
+from nxd_cp.training.loss import context_parallel_cross_entropy
+from nxd_cp.training.memory import count_saved_bytes
 from nxd_cp.nn import ContextParallelAttention, parallelize, register_module
-from nxd_cp.sequence_parallel import allreduce_sequence_parallel_gradients
-from nxd_cp.sharding import sequence_positions, shard_sequence, unshard_sequence
+from nxd_cp.tensor_parallel.sequence_parallel import allreduce_sequence_parallel_gradients
+from nxd_cp.sequence.layout import sequence_positions, shard_sequence, unshard_sequence
 
 _LAZY = {"transform": "nxd_cp.models", "full_state_dict": "nxd_cp.models",
          "models": "nxd_cp.models", "ArchitectureSpec": "nxd_cp.models",

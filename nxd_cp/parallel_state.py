@@ -5,7 +5,7 @@ asked at every call, never at import time): NxD's ``parallel_state`` (with CP) i
 ``NXD_CP_DISABLE_NXD`` is not ``1``, and NxD can build groups here (backend ``xla``, or
 ``NXD_CPU_MODE=1``: gloo groups; without it NxD deadlocks off device). Otherwise (NxD absent, or
 gloo / NCCL without ``NXD_CPU_MODE``: logged once) nxd_cp builds its own groups with
-``new_group`` from ``nxd_cp.layout`` (NxD's layout).
+``new_group`` from ``nxd_cp.topology.layout`` (NxD's layout).
 
 NxD in charge: every getter reads NxD's live state (nothing copied; a re-initialisation by NxD's
 own ``neuronx_distributed_config`` is seen); DP x CP is NxD's expert-data-parallel group (where
@@ -27,9 +27,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
-from nxd_cp.comm.base import GroupSpec
-from nxd_cp.layout import ParallelLayout, rank_ring_pairs, ring_pairs, union_groups
-from nxd_cp.process_groups import (log_once, new_group_timeout, nxd_cpu_mode, platform_target,
+from nxd_cp.topology.groups import GroupSpec
+from nxd_cp.topology.layout import ParallelLayout, rank_ring_pairs, ring_pairs, union_groups
+from nxd_cp.topology.process_groups import (log_once, new_group_timeout, nxd_cpu_mode, platform_target,
                                    world_timeout)
 
 _KINDS = ("tensor", "context", "data", "data_context", "pipeline")
@@ -115,7 +115,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
 
     timeout: of every group's collectives; None: the world group's (``init_process_group``'s).
     Raises ``RuntimeError`` when torch.distributed is not initialised or the state already is,
-    ``ValueError`` for sizes NxD refuses (see ``nxd_cp.layout``), ``NotImplementedError`` for
+    ``ValueError`` for sizes NxD refuses (see ``nxd_cp.topology.layout``), ``NotImplementedError`` for
     expert parallelism.
     """
     global _STATE

@@ -24,9 +24,9 @@ def agreement_world(rank, world):
     import transformers as tf
 
     import nxd_cp
-    from nxd_cp import agreement
+    from nxd_cp.topology import agreement
     from nxd_cp import parallel_state as ps
-    from nxd_cp.agreement import check_group_agreement
+    from nxd_cp.topology.agreement import check_group_agreement
     from nxd_cp.attention import context_parallel_attention as cpa
     from nxd_cp.models import transform
 

@@ -23,7 +23,7 @@ from nxd_cp import parallel_state as ps
 from nxd_cp.attention import context_parallel_attention, register_kernel
 from nxd_cp.attention.kernels import TorchBlockKernel
 from nxd_cp.comm.base import RANK_AS_TENSOR_ENV
-from nxd_cp.sharding import shard_sequence, unshard_sequence
+from nxd_cp.sequence.layout import shard_sequence, unshard_sequence
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 HEADS = [(8, 8), (8, 2), (8, 1)]  # MHA, GQA, MQA

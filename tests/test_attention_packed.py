@@ -28,7 +28,7 @@ from nxd_cp.attention import context_parallel_attention, register_kernel
 from nxd_cp.attention.fused import CpuFlashKernel
 from nxd_cp.attention.kernels import TorchBlockKernel
 from nxd_cp.comm.base import RANK_AS_TENSOR_ENV
-from nxd_cp.sharding import sequence_positions, shard_sequence, unshard_sequence
+from nxd_cp.sequence.layout import sequence_positions, shard_sequence, unshard_sequence
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 SMALL_TILES = TorchBlockKernel(tile_q=8, tile_k=16)

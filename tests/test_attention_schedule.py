@@ -6,7 +6,7 @@ from nxd_cp.attention import context_parallel_attention
 from nxd_cp.attention.all_gather import all_gather_schedule
 from nxd_cp.attention.schedule import score_pairs
 from nxd_cp.attention.ring import ring_schedule
-from nxd_cp.comm.base import GroupSpec
+from nxd_cp.topology.groups import GroupSpec
 
 
 def ring_pairs_per_rank(cp, s, layout, causal=True, window=None):

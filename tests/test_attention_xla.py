@@ -16,8 +16,8 @@ torch_xla = pytest.importorskip("torch_xla")
 from nxd_cp.attention import context_parallel_attention  # noqa: E402
 from nxd_cp.attention.dispatch import register_kernel  # noqa: E402
 from nxd_cp.attention.tile_loop import TileLoopKernel  # noqa: E402
-from nxd_cp.comm.base import GroupSpec  # noqa: E402
-from nxd_cp.layout import ParallelLayout, ring_pairs  # noqa: E402
+from nxd_cp.topology.groups import GroupSpec  # noqa: E402
+from nxd_cp.topology.layout import ParallelLayout, ring_pairs  # noqa: E402
 from xla_exec import normalise_hlo  # noqa: E402
 
 

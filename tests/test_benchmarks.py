@@ -153,7 +153,7 @@ def test_feed_transport_hands_a_rank_the_right_blocks():
     """Ring attention driven by FeedTransport gives the rank's shard of full SDPA (out, dQ)."""
     sys.path.insert(0, BENCH)
     from feed import fed_rank_attention
-    from nxd_cp.sharding import shard_sequence
+    from nxd_cp.sequence.layout import shard_sequence
 
     torch.manual_seed(0)
     s, cp, d = 128, 4, 32

@@ -51,8 +51,8 @@ def build(comm):
 def train(model, opt, sched, steps):
     """Steps ``steps``; returns per step (loss, a random draw) of this rank."""
     from nxd_cp import parallel_state as ps
-    from nxd_cp.data import get_batch_on_this_context_parallel_rank
-    from nxd_cp.grads import allreduce_data_context_parallel_gradients
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
+    from nxd_cp.training.grads import allreduce_data_context_parallel_gradients
 
     out = []
     for step in steps:

@@ -118,7 +118,7 @@ def test_primitives_and_autograd_tp2_cp2():
 
 
 def test_group_spec_validation():
-    from nxd_cp.comm.base import GroupSpec
+    from nxd_cp.topology.groups import GroupSpec
     with pytest.raises(ValueError, match="global_rank=5 is in none"):
         GroupSpec.explicit([[0, 2], [1, 3]], 5)
     with pytest.raises(ValueError, match="rank=2 is outside"):

@@ -67,7 +67,7 @@ class GatedMLP(torch.nn.Module):
     forward(*, hidden_states) -> (out, None)."""
 
     def __init__(self, hidden, intermediate, act):
-        from nxd_cp.layers import ColumnParallelLinear, RowParallelLinear
+        from nxd_cp.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
         super().__init__()
         self.gate_proj = ColumnParallelLinear(hidden, intermediate, bias=False,
@@ -92,7 +92,7 @@ def attention_errors():
     import torch.nn.functional as F
     from nxd_cp import parallel_state as ps
     from nxd_cp.nn import ContextParallelAttention
-    from nxd_cp.sharding import shard_sequence
+    from nxd_cp.sequence.layout import shard_sequence
 
     rank, cp = ps.get_context_model_parallel_rank(), ps.get_context_model_parallel_size()
     b, hq, hkv, s, d = 2, 4, 2, 64, 16

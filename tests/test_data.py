@@ -5,9 +5,9 @@ Every check is exact: the function only moves integers.
 import pytest
 import torch
 
-from nxd_cp.data import get_batch_on_this_context_parallel_rank as get_batch
-from nxd_cp.data import shift_labels
-from nxd_cp.sharding import reorder_gathered, sequence_positions
+from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank as get_batch
+from nxd_cp.sequence.batch import shift_labels
+from nxd_cp.sequence.layout import reorder_gathered, sequence_positions
 
 B, S = 2, 16
 

@@ -17,10 +17,10 @@ API_MD = os.path.join(ROOT, "docs", "api.md")
 
 # Modules whose public names must be documented: ``__all__`` where the module defines one,
 # else every public callable defined in the module itself (not imported into it).
-MODULES = ("nxd_cp", "nxd_cp.parallel_state", "nxd_cp.sharding", "nxd_cp.attention",
+MODULES = ("nxd_cp", "nxd_cp.parallel_state", "nxd_cp.sequence.layout", "nxd_cp.attention",
            "nxd_cp.comm", "nxd_cp.models", "nxd_cp.nn", "nxd_cp.config", "nxd_cp.nxd_config",
-           "nxd_cp.data", "nxd_cp.loss", "nxd_cp.grads", "nxd_cp.checkpoint", "nxd_cp.testing",
-           "nxd_cp.packing", "nxd_cp.optim")
+           "nxd_cp.sequence.batch", "nxd_cp.training.loss", "nxd_cp.training.grads", "nxd_cp.training.checkpoint", "nxd_cp.testing",
+           "nxd_cp.sequence.packing", "nxd_cp.training.optim")
 
 
 def public_names(module_name: str) -> list[str]:

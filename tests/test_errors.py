@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nxd_cp.attention import context_parallel_attention
-from nxd_cp.comm import GroupSpec
-from nxd_cp.data import get_batch_on_this_context_parallel_rank as get_batch
+from nxd_cp.topology.groups import GroupSpec
+from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank as get_batch
 
 GROUP2 = GroupSpec.explicit([[0, 1]], 0)
 

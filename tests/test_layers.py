@@ -34,7 +34,7 @@ def _close(a, b, atol=1e-6):
 
 def _column(fails):
     from nxd_cp import parallel_state as ps
-    from nxd_cp.layers import ColumnParallelLinear
+    from nxd_cp.tensor_parallel.layers import ColumnParallelLinear
     from nxd_cp.models.common import partition_of, shard_of
 
     tp, r = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
@@ -73,7 +73,7 @@ def _column(fails):
 
 def _row(fails):
     from nxd_cp import parallel_state as ps
-    from nxd_cp.layers import RowParallelLinear
+    from nxd_cp.tensor_parallel.layers import RowParallelLinear
 
     tp, r = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
     for parallel_in in (True, False):
@@ -108,7 +108,7 @@ def _row(fails):
 
 def _embedding(fails):
     from nxd_cp import parallel_state as ps
-    from nxd_cp.layers import ParallelEmbedding
+    from nxd_cp.tensor_parallel.layers import ParallelEmbedding
 
     tp, r = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
     ids = torch.tensor([[0, 3, 11, 6, 3], [5, 7, 2, 9, 6]])  # both vocab halves, padding id 3
@@ -134,7 +134,7 @@ def _replicated_kv(fails):
     """TP2. 1 KV head: both ranks hold it, each back-propagates its own query heads' part and
     the replicas' sums meet; 2 KV heads: one each (a slot per rank, nothing to sum)."""
     from nxd_cp import parallel_state as ps
-    from nxd_cp.layers import ReplicatedKVLinear
+    from nxd_cp.tensor_parallel.layers import ReplicatedKVLinear
 
     r, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_size()
     for kv_heads in (1, 2):
@@ -161,7 +161,7 @@ def _replicated_kv(fails):
 
 def _vocab_parallel_ce(fails):
     from nxd_cp import parallel_state as ps
-    from nxd_cp.layers import parallel_cross_entropy
+    from nxd_cp.tensor_parallel.layers import parallel_cross_entropy
 
     tp, r = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
     logits = (_same(20, 7, VOCAB) * 3).requires_grad_()
@@ -178,7 +178,7 @@ def _vocab_parallel_ce(fails):
 
 
 def _errors(fails):
-    from nxd_cp.layers import ColumnParallelLinear, ParallelEmbedding
+    from nxd_cp.tensor_parallel.layers import ColumnParallelLinear, ParallelEmbedding
 
     # SP of the linear layers: tests/test_sequence_parallel.py; the embedding has none.
     for make in (lambda: ParallelEmbedding(VOCAB, HID, sequence_parallel_enabled=True),):
@@ -200,9 +200,9 @@ def _cp_loss():
     """Token-weighted CP loss on shards of a full [B, S, V] vs F.cross_entropy."""
     from nxd_cp import parallel_state as ps
     from nxd_cp.comm import get_transport
-    from nxd_cp.data import shift_labels
-    from nxd_cp.loss import context_parallel_cross_entropy
-    from nxd_cp.sharding import shard_sequence
+    from nxd_cp.sequence.batch import shift_labels
+    from nxd_cp.training.loss import context_parallel_cross_entropy
+    from nxd_cp.sequence.layout import shard_sequence
 
     cp, c = ps.get_context_model_parallel_size(), ps.get_context_model_parallel_rank()
     tp, t = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
@@ -240,7 +240,7 @@ def _cp_loss():
 
 def _grads():
     from nxd_cp import parallel_state as ps
-    from nxd_cp.grads import (allreduce_context_parallel_gradients,
+    from nxd_cp.training.grads import (allreduce_context_parallel_gradients,
                               allreduce_data_context_parallel_gradients)
 
     cp_ranks = ps.get_context_model_parallel_group(as_list=True)
@@ -265,7 +265,7 @@ def _grads():
 
 def tp2cp2(rank, world):
     from nxd_cp import parallel_state as ps
-    from nxd_cp.layers import USING_NXD
+    from nxd_cp.tensor_parallel.layers import USING_NXD
 
     ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
     fails = []

@@ -1,7 +1,7 @@
 """Rank layout against golden lists written out by hand from NxD's arange(world).reshape(pp, dp, cp, tp)."""
 import pytest
 
-from nxd_cp.layout import ParallelLayout, ring_pairs
+from nxd_cp.topology.layout import ParallelLayout, ring_pairs
 
 
 def test_tp2_cp2_on_4_ranks():

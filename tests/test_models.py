@@ -104,10 +104,10 @@ def run_case(arch, comm, padded=False, ckpt=False, vocab_parallel=False, meta=Fa
     """Train the transformed model and (on rank 0) the reference; return errors."""
     import torch.distributed as dist
     from nxd_cp import parallel_state as ps
-    from nxd_cp.data import get_batch_on_this_context_parallel_rank
-    from nxd_cp.grads import allreduce_data_context_parallel_gradients
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
+    from nxd_cp.training.grads import allreduce_data_context_parallel_gradients
     from nxd_cp.models import full_gradients, full_state_dict, transform
-    from nxd_cp.sequence_parallel import allreduce_sequence_parallel_gradients
+    from nxd_cp.tensor_parallel.sequence_parallel import allreduce_sequence_parallel_gradients
 
     rank0 = dist.get_rank() == 0
     dp, dp_rank = ps.get_data_parallel_size(), ps.get_data_parallel_rank()
@@ -184,7 +184,7 @@ def round_trip(arch):
 def bad_inputs():
     """Messages of the errors a TP2 x CP2 rank raises for inputs that cannot work."""
     import transformers as tf
-    from nxd_cp.data import get_batch_on_this_context_parallel_rank
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
     from nxd_cp.models import transform
 
     def message(fn):

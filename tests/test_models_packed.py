@@ -78,8 +78,8 @@ def reference(arch, docs):
 
 def run_case(arch, comm, layout, fmt, docs, ref, drop_documents=False):
     import torch.distributed as dist
-    from nxd_cp.data import get_batch_on_this_context_parallel_rank
-    from nxd_cp.grads import allreduce_context_parallel_gradients
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
+    from nxd_cp.training.grads import allreduce_context_parallel_gradients
     from nxd_cp.models import full_gradients, transform
     from nxd_cp.testing import activate_config
 

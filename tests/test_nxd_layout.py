@@ -1,4 +1,4 @@
-"""nxd_cp.layout against NxD's own layout function over a (platform, world, tp, cp, pp) grid.
+"""nxd_cp.topology.layout against NxD's own layout function over a (platform, world, tp, cp, pp) grid.
 
 One spawned rank (a 1-process gloo world) imports NxD's real source and calls its
 ``initialize_model_parallel(..., mesh_only=True)``, which returns the groups without creating
@@ -27,7 +27,7 @@ def golden(rank, world):
     import torch.distributed as dist
     from neuronx_distributed.parallel_layers import parallel_state as nps
 
-    from nxd_cp.layout import ParallelLayout, rank_ring_pairs
+    from nxd_cp.topology.layout import ParallelLayout, rank_ring_pairs
     from neuronxcc.nki._private_kernels.collectives import CollectivesConfig
 
     fake = {"world": 1}

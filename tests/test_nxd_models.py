@@ -71,9 +71,9 @@ def vocab_parallel_logits(arch):
     """Vocab-parallel logits after the loss: unchanged (NxD's cross entropy modifies its input
     in place) and equal to the reference's for this rank's tokens and vocabulary slice."""
     from nxd_cp import parallel_state as ps
-    from nxd_cp.data import get_batch_on_this_context_parallel_rank
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
     from nxd_cp.models import transform
-    from nxd_cp.sharding import shard_sequence
+    from nxd_cp.sequence.layout import shard_sequence
 
     model = transform(tm.make_model(arch), tm.configure("p2p"), vocab_parallel_logits=True)
     batch = tm.make_batch(5, padded=True)
@@ -198,7 +198,7 @@ def _run_plans(plans, dp=1):
 def four_rank_nxd(rank, world):
     from neuronx_distributed.trainer import neuronx_distributed_config as nxd_config
 
-    from nxd_cp import layers as L
+    from nxd_cp.tensor_parallel import layers as L
     from nxd_cp import parallel_state as ps
 
     import os

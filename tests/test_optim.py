@@ -1,4 +1,4 @@
-"""``nxd_cp.optim.AdamW``: torch's AdamW numbers, an XLA graph without f64.
+"""``nxd_cp.training.optim.AdamW``: torch's AdamW numbers, an XLA graph without f64.
 
 Reference: ``torch.optim.AdamW`` on the same parameters and gradients (CPU, fp32, 4 steps).
 The f64-free update (``_adamw_update``, what runs on XLA) is called here on CPU tensors and must
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from nxd_cp.optim import AdamW, _adamw_update
+from nxd_cp.training.optim import AdamW, _adamw_update
 
 CASES = [dict(), dict(weight_decay=0.1), dict(amsgrad=True, weight_decay=0.05),
          dict(maximize=True), dict(betas=(0.8, 0.95), eps=1e-6)]

@@ -11,10 +11,10 @@ from nxd_cp import parallel_state as ps
 from nxd_cp.attention import context_parallel_attention
 from nxd_cp.attention.documents import PackedDocuments
 from nxd_cp.attention.parts import WHOLE, RankIndex, Selection
-from nxd_cp.comm import GroupSpec
-from nxd_cp.data import get_batch_on_this_context_parallel_rank as get_batch
-from nxd_cp.packing import document_ids
-from nxd_cp.sharding import (document_index, document_slots, reorder_gathered,
+from nxd_cp.topology.groups import GroupSpec
+from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank as get_batch
+from nxd_cp.sequence.packing import document_ids
+from nxd_cp.sequence.layout import (document_index, document_slots, reorder_gathered,
                              shard_sequence)
 from nxd_cp.testing import activate_config
 

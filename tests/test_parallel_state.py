@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from nxd_cp.testing import run_ranks
 from nxd_cp import parallel_state as ps
-from nxd_cp.layout import ParallelLayout
+from nxd_cp.topology.layout import ParallelLayout
 
 KINDS = {
     "tensor": (ps.get_tensor_model_parallel_group, ps.get_tensor_model_parallel_rank,

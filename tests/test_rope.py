@@ -67,8 +67,8 @@ def rel(a, b):
 def run_case(arch, rope, layout, comm, unwrap):
     """Worst loss and gradient relative errors over the two steps (rank 0), else None."""
     import torch.distributed as dist
-    from nxd_cp.data import get_batch_on_this_context_parallel_rank
-    from nxd_cp.grads import allreduce_context_parallel_gradients
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
+    from nxd_cp.training.grads import allreduce_context_parallel_gradients
     from nxd_cp.models import full_gradients, transform
     from nxd_cp.models.common import set_path
     from nxd_cp.models.rope import GlobalLengthRotary

@@ -20,8 +20,8 @@ B, S, IN, OUT = 2, 8, 12, 10
 def layer_errors():
     """Fallback SP column / row layers vs nn.Linear on the full input (run at TP2)."""
     from nxd_cp import parallel_state as ps
-    from nxd_cp.layers import FallbackColumnParallelLinear, FallbackRowParallelLinear
-    from nxd_cp.sequence_parallel import allreduce_sequence_parallel_gradients
+    from nxd_cp.tensor_parallel.layers import FallbackColumnParallelLinear, FallbackRowParallelLinear
+    from nxd_cp.tensor_parallel.sequence_parallel import allreduce_sequence_parallel_gradients
 
     tp, r = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
     g = torch.Generator().manual_seed(5)
@@ -84,7 +84,7 @@ def layer_errors():
 def backward_collectives(arch, sp):
     """Calls per primitive in one backward of the transformed model (TP2xCP2, p2p)."""
     import nxd_cp
-    from nxd_cp.data import get_batch_on_this_context_parallel_rank
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
     from nxd_cp.models import transform
 
     model = transform(tm.make_model(arch), tm.configure("p2p", sp=sp))
@@ -98,8 +98,8 @@ def unreduced_norm_gradient():
     """Negative control: with SP and without allreduce_sequence_parallel_gradients the norm
     weights' gradients are one TP rank's share only."""
     import torch.distributed as dist
-    from nxd_cp.data import get_batch_on_this_context_parallel_rank
-    from nxd_cp.grads import allreduce_data_context_parallel_gradients
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
+    from nxd_cp.training.grads import allreduce_data_context_parallel_gradients
     from nxd_cp.models import full_gradients, transform
 
     model = transform(tm.make_model("llama"), tm.configure("p2p", sp=True))
@@ -239,8 +239,8 @@ def test_sp_layers_lower_to_tp_collectives():
     torch_xla = pytest.importorskip("torch_xla")
     from test_xla_lowering import LAYOUT, hlo, ops
 
-    from nxd_cp.comm.base import GroupSpec
-    from nxd_cp.layers import FallbackColumnParallelLinear, FallbackRowParallelLinear
+    from nxd_cp.topology.groups import GroupSpec
+    from nxd_cp.tensor_parallel.layers import FallbackColumnParallelLinear, FallbackRowParallelLinear
 
     dev = torch_xla.device()
     tp = GroupSpec.explicit(LAYOUT.tensor_parallel_groups(), 0)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nxd_cp.sharding import (chunk_ranges, reorder_gathered, sequence_positions,
+from nxd_cp.sequence.layout import (chunk_ranges, reorder_gathered, sequence_positions,
                              shard_sequence)
 
 

@@ -21,7 +21,7 @@ pytest.importorskip("jax")
 from nxd_cp.attention import context_parallel_attention  # noqa: E402
 from nxd_cp.attention.dispatch import register_kernel  # noqa: E402
 from nxd_cp.attention.tile_loop import TileLoopKernel  # noqa: E402
-from nxd_cp.sharding import shard_sequence  # noqa: E402
+from nxd_cp.sequence.layout import shard_sequence  # noqa: E402
 from nxd_cp.testing import visible_keys  # noqa: E402
 from xla_exec import execute, lower_world  # noqa: E402
 

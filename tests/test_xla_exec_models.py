@@ -10,7 +10,7 @@ over gloo. One module holds all four (architecture, comm type) steps. Reference:
 unmodified transformers model in fp32 on the same full batch, one ``torch.optim.AdamW`` step
 (``tests/test_models.py``'s model and batch builders: hidden 64, 2 layers, 4 heads, sequence
 256, batch 2; Llama with GQA and llama3 rope scaling, Mistral with MQA and a sliding window of
-48 < sequence). The transformed models step with ``nxd_cp.optim.AdamW`` (torch's AdamW math,
+48 < sequence). The transformed models step with ``nxd_cp.training.optim.AdamW`` (torch's AdamW math,
 no f64 on XLA); Llama p2p uses vocab-parallel logits (TP-split cross entropy). Batches enter
 as int32 (docs/trn1.md), except Mistral all_gather's, int64 as tokenizers give them: the model
 converts those once at its entry.
@@ -37,10 +37,10 @@ def training_step(rank, cases=CASES):
     """This rank's step of every case: loss, full gradients and full parameters after it."""
     import torch_xla
 
-    from nxd_cp.data import get_batch_on_this_context_parallel_rank
-    from nxd_cp.grads import allreduce_context_parallel_gradients
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
+    from nxd_cp.training.grads import allreduce_context_parallel_gradients
     from nxd_cp.models import full_gradients, full_state_dict, transform
-    from nxd_cp.optim import AdamW
+    from nxd_cp.training.optim import AdamW
 
     dev = torch_xla.device()
     outputs = {}

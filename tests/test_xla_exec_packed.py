@@ -19,7 +19,7 @@ pytest.importorskip("torch_xla")
 pytest.importorskip("jax")
 
 from nxd_cp.attention import context_parallel_attention  # noqa: E402
-from nxd_cp.sharding import sequence_positions, shard_sequence  # noqa: E402
+from nxd_cp.sequence.layout import sequence_positions, shard_sequence  # noqa: E402
 from test_attention_packed import reference  # noqa: E402
 from xla_exec import execute, lower_world, normalise_hlo  # noqa: E402
 

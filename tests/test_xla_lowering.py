@@ -13,8 +13,8 @@ torch_xla = pytest.importorskip("torch_xla")
 
 from nxd_cp.comm import get_transport  # noqa: E402
 from nxd_cp.comm import autograd as cg  # noqa: E402
-from nxd_cp.comm.base import GroupSpec  # noqa: E402
-from nxd_cp.layout import ParallelLayout  # noqa: E402
+from nxd_cp.topology.groups import GroupSpec  # noqa: E402
+from nxd_cp.topology.layout import ParallelLayout  # noqa: E402
 
 LAYOUT = ParallelLayout(4, tensor_model_parallel_size=2, context_parallel_size=2)
 

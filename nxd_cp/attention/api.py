@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from nxd_cp.agreement import attention_signature, check_group_agreement
+from nxd_cp.topology.agreement import attention_signature, check_group_agreement
 from nxd_cp.attention.all_gather import all_gather_attention
 from nxd_cp.attention.dispatch import local_attention
 from nxd_cp.attention.documents import PackedDocuments, local_document_mask
@@ -23,7 +23,7 @@ from nxd_cp.attention.schedule import BlockMask
 from nxd_cp.comm import get_transport
 from nxd_cp.config import COMM_TYPES, get_context_parallel_config
 from nxd_cp.parallel_state import resolve_group
-from nxd_cp.sharding import check_load_balance, check_sequence_length
+from nxd_cp.sequence.layout import check_load_balance, check_sequence_length
 
 
 def _validate(q, k, v, causal, comm_type, window_size, key_padding_mask) -> None:
@@ -96,7 +96,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     q [B, Hq, S_local, D]; k, v [B, Hkv, S_local, D] with Hq % Hkv == 0 (K/V are exchanged with
     their Hkv heads, never repeated). The inputs are this rank's shard in the ``load_balance``
-    layout (``nxd_cp.sharding.shard_sequence``). Returns [B, Hq, S_local, D] in q's dtype.
+    layout (``nxd_cp.sequence.layout.shard_sequence``). Returns [B, Hq, S_local, D] in q's dtype.
 
     causal: causal mask on global positions; window_size: sliding window (key j visible to
     query i iff j <= i and i - j < window_size, needs causal); softmax_scale: default

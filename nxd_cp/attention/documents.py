@@ -9,7 +9,7 @@ ids; 2: ids and positions) that travels with K/V through the ring and the all-ga
 key-padding mask does.
 
 The masking rule is the plan's (causal / window on the layout's positions) AND same document.
-Under ``per_document`` the plan is zigzag's on *slots* (``nxd_cp.sharding``): inside one
+Under ``per_document`` the plan is zigzag's on *slots* (``nxd_cp.sequence.layout``): inside one
 document, slot ``a`` sees all of an earlier slot, none of a later one, and itself causally in
 local order, so zigzag's static masks are exact there and only a window needs positions.
 
@@ -150,7 +150,7 @@ def _check_order(table, plan: Plan, per_document: bool) -> None:
                                      f"{r}'s part {p} is not")
     if per_document:
         return
-    from nxd_cp.sharding import rank_chunks
+    from nxd_cp.sequence.layout import rank_chunks
     chunks = {}
     for r, parts in enumerate(table):
         for p, g in enumerate(rank_chunks(r, plan.cp_size, plan.load_balance)):

@@ -24,7 +24,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
-from nxd_cp.sharding import chunk_ranges, num_chunks
+from nxd_cp.sequence.layout import chunk_ranges, num_chunks
 
 ALL = -1  # a Product part meaning "the whole shard"
 

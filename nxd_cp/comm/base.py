@@ -1,25 +1,21 @@
 """The transport interface the CP algorithms are written against, and a byte tally.
 
-A transport moves tensors inside one group of ranks. Algorithms call only these methods; a
-transport knows nothing about attention. ``GroupSpec`` is one rank's view of a group: its
-members (global ranks, in group order), its index among them, every group of the same kind
-(the ``replica_groups`` XLA collectives need) and, on torch.distributed, the ProcessGroup.
+A transport moves tensors inside one group of ranks (a ``topology.groups.GroupSpec``).
+Algorithms call only these methods; a transport knows nothing about attention.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-RANK_AS_TENSOR_ENV = "NXD_CP_RANK_AS_TENSOR"
-
+from nxd_cp.topology.groups import GroupSpec
 
 @functools.lru_cache(maxsize=256)
 def rank_tensor(ranks: Tuple[int, ...], rank: int, device: torch.device) -> torch.Tensor:
@@ -29,44 +25,6 @@ def rank_tensor(ranks: Tuple[int, ...], rank: int, device: torch.device) -> torc
     CP indices are equal they must still be two graph inputs, or that rank's graph would read
     one parameter where the others read two."""
     return torch.tensor([rank], dtype=torch.int32).to(device)
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """One rank's view of a process group.
-
-    ranks: global ranks of this rank's group, in group order.
-    rank: this rank's index in ``ranks``.
-    all_groups: every group of this kind (a partition of the world), for XLA replica groups.
-    process_group: the torch.distributed ProcessGroup, or None where there is none (XLA
-        lowering with an explicit group).
-    """
-
-    ranks: Tuple[int, ...]
-    rank: int
-    all_groups: Tuple[Tuple[int, ...], ...]
-    process_group: Any = None
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.rank < len(self.ranks):
-            raise ValueError(f"rank={self.rank} is outside the group {list(self.ranks)}")
-        if tuple(self.ranks) not in {tuple(g) for g in self.all_groups}:
-            raise ValueError(f"ranks={list(self.ranks)} is not one of all_groups="
-                             f"{[list(g) for g in self.all_groups]}")
-
-    @property
-    def size(self) -> int:
-        return len(self.ranks)
-
-    @staticmethod
-    def explicit(all_groups: Sequence[Sequence[int]], global_rank: int,
-                 process_group: Any = None) -> "GroupSpec":
-        """The spec of ``global_rank`` given every group of a kind (e.g. all CP groups)."""
-        groups = tuple(tuple(int(r) for r in g) for g in all_groups)
-        for g in groups:
-            if global_rank in g:
-                return GroupSpec(g, g.index(global_rank), groups, process_group)
-        raise ValueError(f"global_rank={global_rank} is in none of the groups {list(groups)}")
 
 
 class PendingTensor:
@@ -119,9 +77,9 @@ class Transport(ABC):
     def rank_value(self, device: torch.device) -> Union[int, torch.Tensor]:
         """This rank's group index as the algorithms consume it: a Python int (the fastest
         form on torch.distributed), or an int32 tensor ``[1]`` on ``device`` where every rank
-        must trace the same graph (XLA). ``NXD_CP_RANK_AS_TENSOR=1`` forces the tensor form
+        must trace the same graph (XLA). ``GroupSpec.rank_as_tensor`` forces the tensor form
         here too, so the rank-independent schedule runs (and is tested) on gloo."""
-        if os.environ.get(RANK_AS_TENSOR_ENV, "0") == "1":
+        if self.group.rank_as_tensor:
             return rank_tensor(self.group.ranks, self.rank, device)
         return self.rank
 

@@ -12,7 +12,7 @@ from typing import List
 import torch
 
 from nxd_cp.comm.base import PendingTensor, Transport, rank_tensor, record
-from nxd_cp.layout import ring_pairs
+from nxd_cp.topology.layout import ring_pairs
 
 
 def _xm():

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from nxd_cp import layers as L
+from nxd_cp.tensor_parallel import layers as L
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
 from nxd_cp.models.registry import ArchitectureSpec as ArchSpec  # noqa: F401

@@ -11,7 +11,7 @@ What changes (and nothing else does):
   over the CP group with the causal / sliding-window mask of the config;
 * ``model.loss_function`` -> token-weighted CP cross entropy on *already shifted* labels;
 * the config's ``sequence_parallel=True``: Megatron / NxD sequence parallelism inside TP
-  (``nxd_cp.sequence_parallel``): the first decoder layer's input (the embedding output) is split
+  (``nxd_cp.tensor_parallel.sequence_parallel``): the first decoder layer's input (the embedding output) is split
   over TP along the sequence, norms and residuals run on ``S/(cp*tp)`` tokens, attention / MLP
   see the all-gathered ``[B, S/cp, H]``, the lm_head all-gathers the final norm's output (logits
   ``[B, S/cp, V]`` as without SP); call ``allreduce_sequence_parallel_gradients(model)`` after
@@ -37,13 +37,13 @@ import torch
 from torch import nn
 
 from nxd_cp import parallel_state as ps
-from nxd_cp.agreement import check_group_agreement
+from nxd_cp.topology.agreement import check_group_agreement
 from nxd_cp.config import (context_parallel_config_of, get_context_parallel_config,
                            sequence_parallel_enabled)
-from nxd_cp.data import check_padding_mask
-from nxd_cp.layers import (ColumnParallelLinear, ParallelEmbedding, ReplicatedKVLinear,
+from nxd_cp.sequence.batch import check_padding_mask
+from nxd_cp.tensor_parallel.layers import (ColumnParallelLinear, ParallelEmbedding, ReplicatedKVLinear,
                            RowParallelLinear)
-from nxd_cp.loss import context_parallel_cross_entropy
+from nxd_cp.training.loss import context_parallel_cross_entropy
 from nxd_cp.models import hf_attention
 from nxd_cp.models.common import (ArchSpec, Partition, check_sizes, get_path, materialize,
                                   partitions, set_path, copy_shard)
@@ -51,8 +51,8 @@ from nxd_cp.models.rope import wrap_length_dependent
 from nxd_cp.models.registry import architecture_of as arch_of
 from nxd_cp.models.registry import supported_architectures  # noqa: F401
 from nxd_cp.nn.registry import registered_modules, replace_registered_modules
-from nxd_cp.nn.shared import HeadShared
-from nxd_cp import sequence_parallel as sp
+from nxd_cp.tensor_parallel.head_shared import HeadShared
+from nxd_cp.tensor_parallel import sequence_parallel as sp
 
 _META = torch.device("meta")
 

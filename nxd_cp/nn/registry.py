@@ -109,7 +109,7 @@ def register_module(module_cls: type, replacement_cls: type, init_hook: Optional
     a non-module class or a hook whose signature cannot take what it will be given (naming the
     hook and both signatures)."""
     for what, cls in (("module_cls", module_cls), ("replacement_cls", replacement_cls)):
-        # nxd_cp.layers' public TP classes build NxD's layer or their ``fallback`` module.
+        # nxd_cp.tensor_parallel.layers' public TP classes build NxD's layer or their ``fallback`` module.
         if not (isinstance(cls, type) and issubclass(getattr(cls, "fallback", cls), nn.Module)):
             raise ValueError(f"register_module: {what}={cls!r} must be a torch.nn.Module "
                              f"subclass")
@@ -117,7 +117,7 @@ def register_module(module_cls: type, replacement_cls: type, init_hook: Optional
                      ("return_hook", return_hook)):
         if fn is not None and not callable(fn):
             raise ValueError(f"register_module: {what}={fn!r} must be callable or None")
-    # Signatures are checked on the fallback of nxd_cp.layers' NxD-or-fallback classes (NxD's
+    # Signatures are checked on the fallback of nxd_cp.tensor_parallel.layers' NxD-or-fallback classes (NxD's
     # layers take the same arguments).
     checked = getattr(replacement_cls, "fallback", replacement_cls)
     if init_hook is not None:

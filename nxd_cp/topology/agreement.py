@@ -25,7 +25,7 @@ from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 import torch.distributed as dist
 
-from nxd_cp.comm.base import GroupSpec
+from nxd_cp.topology.groups import GroupSpec
 
 _KEY_PREFIX = "nxd_cp/agree"
 # Signatures this process has seen agreed on, and per (call, group) the number of checks run

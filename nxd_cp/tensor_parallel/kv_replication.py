@@ -1,6 +1,6 @@
 """K/V projections replicated over TP when there are fewer KV heads than TP ranks.
 
-``ReplicatedKVLinear`` (public through ``nxd_cp.layers``): TP rank r holds KV head
+``ReplicatedKVLinear`` (public through ``nxd_cp.tensor_parallel.layers``): TP rank r holds KV head
 ``r // (tp / num_kv_heads)``; the replicas of a head sum their weight gradients in backward.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nxd_cp.comm import autograd as cg
-from nxd_cp.layers import _default_linear_init, _init_shard, _TPLayer
+from nxd_cp.tensor_parallel.layers import _default_linear_init, _init_shard, _TPLayer
 
 
 class _SumOverReplicas(torch.autograd.Function):

@@ -1,0 +1,123 @@
+"""This CP rank's part of a batch: labels shifted on the full sequence, then sharded.
+
+Every rank of a CP group receives the same full-sequence batch (the sampler uses the DP rank and
+size) and keeps its tokens in the active config's layout (``nxd_cp.config``; ``nxd_cp.sequence.layout``),
+the layout the model's attention reads too.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from nxd_cp.sequence import packing
+from nxd_cp import parallel_state as ps
+from nxd_cp.config import get_context_parallel_config
+from nxd_cp.sequence.layout import shard_sequence
+
+SEQ_DIM = 1
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``[B, S]`` -> ``[B, S]`` with ``out[:, i] = labels[:, i + 1]`` and the last one ignored.
+
+    Token i then carries the target it predicts, so the loss needs no neighbour after sharding.
+    """
+    pad = torch.full_like(labels[:, :1], ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=SEQ_DIM)
+
+
+def check_padding_mask(mask: Any) -> None:
+    """``ValueError`` unless ``mask`` is None or a 2-D ``[batch, seq]`` padding mask."""
+    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+        raise ValueError(f"attention_mask must be 2-D [batch, seq] (1 = real token) under "
+                         f"context parallelism, got shape {tuple(mask.shape)}")
+
+
+SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "labels", "attention_mask", "position_ids",
+                 packing.SEQ_IDX)
+
+
+def _sequence_length(batch: Mapping[str, Any]) -> int:
+    """S of the batch; ``ValueError`` unless every known per-token entry is ``[B, S, ...]``
+    with the same S >= 1 (a shorter ``labels`` would otherwise be left unsharded)."""
+    found = {}
+    for key in SEQUENCE_KEYS:
+        v = batch.get(key)
+        if isinstance(v, torch.Tensor):
+            if v.dim() < 2:
+                raise ValueError(f"{key} must be [batch, seq, ...] (at least 2-D), got shape "
+                                 f"{tuple(v.shape)}: add the batch dimension, e.g. "
+                                 f"{key}.unsqueeze(0)")
+            found[key] = v.shape[SEQ_DIM]
+    if not found:
+        raise ValueError("batch has none of input_ids, inputs_embeds, labels: cannot tell the "
+                         "sequence length")
+    first = next(iter(found))
+    for key, length in found.items():
+        if length != found[first]:
+            raise ValueError(f"{key} has sequence length {length} (dim 1) but {first} has "
+                             f"{found[first]}: every per-token entry of the batch must cover "
+                             "the same full sequence")
+    if found[first] < 1:
+        raise ValueError(f"{first} has sequence length 0: there is nothing to shard")
+    return found[first]
+
+
+def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
+                                            ignore_index: int = -100,
+                                            cp_rank: Optional[int] = None,
+                                            cp_size: Optional[int] = None) -> Dict[str, Any]:
+    """This CP rank's shard of a full-sequence batch.
+
+    batch: a mapping of ``[B, S, ...]`` tensors (``input_ids``, ``labels``, ``attention_mask``
+        (2-D, 1 = real token), ``position_ids``, ``inputs_embeds``, ...).
+
+    1. ``labels`` are shifted on the full sequence (``shift_labels``): the returned labels are
+       the targets of the returned tokens, ready for ``context_parallel_cross_entropy`` and for
+       a model from ``nxd_cp.transform``, which does not shift again.
+    2. ``position_ids`` are added as the global positions ``arange(S)`` ``[B, S]`` if absent.
+    3. Every tensor whose dim 1 has the sequence length S is sharded to ``[B, S/cp, ...]`` in
+       the active config's ``load_balance`` layout (``nxd_cp.get_context_parallel_config()``,
+       the one the model's attention reads); other entries are returned unchanged.
+
+    Packed rows (``nxd_cp.sequence.packing``: ``seq_idx``, ``cu_seq_lens_q`` or ``position_ids`` that
+    restart, as transformers' ``DataCollatorWithFlattening`` returns them): the documents are
+    found on the full row, the returned batch carries their ids as ``seq_idx`` ``[B, S/cp]``
+    (int32; the model hands them to the attention), ``position_ids`` restart at 0 for each
+    document (RoPE), no label predicts the next document, and ``load_balance="per_document"``
+    splits every document head-tail over the ranks (``nxd_cp.sequence.layout``).
+
+    Unlike NxD's function of the same name, labels are shifted at cp == 1 too (the transformed
+    model never shifts), and the layout is zigzag by default (NxD: contiguous).
+    Raises ``ValueError`` when S is not divisible by 2*cp (zigzag, per_document) or cp
+    (contiguous), for malformed document descriptions (``nxd_cp.sequence.packing``), when an
+    entry of ``SEQUENCE_KEYS`` is not ``[B, S, ...]`` with the same S >= 1 (e.g. 1-D
+    ``input_ids``, ``labels`` shorter than ``input_ids``), or for a 4-D attention mask.
+    """
+    if cp_size is None:
+        cp_size = ps.get_context_model_parallel_size()
+    if cp_rank is None:
+        cp_rank = ps.get_context_model_parallel_rank()
+    load_balance = get_context_parallel_config().load_balance
+    check_padding_mask(batch.get("attention_mask"))
+    seq_len = _sequence_length(batch)  # shard_sequence checks that it splits into the chunks
+
+    full = dict(batch)
+    ref = next(v for k, v in full.items() if isinstance(v, torch.Tensor)
+               and v.dim() >= 2 and v.shape[SEQ_DIM] == seq_len)
+    documents = packing.document_ids(full, ref.shape[0], seq_len)
+    if isinstance(full.get("labels"), torch.Tensor):
+        full["labels"] = shift_labels(full["labels"], ignore_index)
+    if documents is not None:
+        full = packing.prepare_packed_batch(full, documents, ignore_index)
+    if full.get("position_ids") is None:
+        full["position_ids"] = torch.arange(seq_len, device=ref.device).expand(ref.shape[0], -1)
+
+    out = {}
+    for key, value in full.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[SEQ_DIM] == seq_len:
+            value = shard_sequence(value, SEQ_DIM, cp_rank, cp_size, load_balance,
+                                   seq_idx=documents).contiguous()
+        out[key] = value
+    return out
