@@ -8,10 +8,11 @@ setup(
     "running the same code on torch.distributed (NCCL, gloo)",
     packages=find_packages(include=["nxd_cp", "nxd_cp.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.1"],
+    # The versions the private APIs of nxd_cp.compat are tested on (each module's SUPPORTED).
+    install_requires=["torch>=2.9,<2.10"],
     extras_require={
-        "hf": ["transformers>=4.48"],
-        "xla": ["torch-xla"],
+        "hf": ["transformers>=4.57,<4.58"],
+        "xla": ["torch-xla>=2.9,<2.10"],
         # The exact stack CI runs; scripts/setup.sh installs requirements-test.txt.
         "test": ["transformers==4.57.6", "torch-xla==2.9.0", "pytest==8.4.2", "numpy<2.3",
                  "matplotlib==3.10.7", "tenacity==9.1.2", "boto3==1.40.76", "botocore==1.40.76",

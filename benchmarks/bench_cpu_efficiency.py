@@ -1,7 +1,7 @@
 """Compute efficiency on CPU: one rank's CP attention schedule vs full-sequence SDPA / cp.
 
 One process, no communication: ``feed.FeedTransport`` hands the library's own
-``RingAttention`` / ``AllGatherAttention`` the K/V blocks the rank would receive (the shards of
+ring / all-gather K/V streams the blocks the rank would receive (the shards of
 the other ranks), so what is timed is exactly the rank's work in a real run -- its schedule of
 local kernels, LSE merges, buffer packing and dK/dV accumulation -- minus the wire.
 
@@ -10,8 +10,8 @@ causal, fp32, GQA, the same thread count; interleaved repetitions, median. Targe
 ring-flash-attention zigzag figure on 8xH800 is 0.90). Zigzag ranks do equal work but differ in
 block shapes (rank 0: half Q x whole KV blocks; rank cp-1: whole Q x half KV blocks; the others
 mix both), so p2p times ranks 0 and cp-1 and reports the slower. Two kernel registries: the
-default (CPU fused flash op) and ``NXD_CP_KERNEL=torch`` (the pure-torch blockwise kernel, the
-XLA/reference path), for which the ratio against the same kernel on the full sequence is also
+default (CPU fused flash op) and the pure-torch blockwise kernel (``reference_kernel_only()``,
+the XLA/reference path), for which the ratio against the same kernel on the full sequence is also
 given (the cost of the CP decomposition alone).
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from common import forced_kernel, interleaved_medians, parser, print_table, write_json  # noqa: E402
 from feed import fed_rank_attention  # noqa: E402
+
 from nxd_cp.attention import BlockMask, local_attention  # noqa: E402
 from nxd_cp.sequence.layout import shard_sequence  # noqa: E402
 
@@ -33,7 +33,7 @@ TARGET = 0.85
 
 
 def with_kernel(kernel: str, fn):
-    """``fn`` run under ``NXD_CP_KERNEL=kernel`` ("auto" = the default registry)."""
+    """``fn`` run with ``kernel`` ("auto": the default registry; "torch": the reference)."""
     def run():
         with forced_kernel(kernel):
             fn()
@@ -120,7 +120,8 @@ def main() -> None:
     hq, hkv = heads
     print_table(f"CPU compute efficiency per rank: fwd+bwd, fp32, causal zigzag, B=1, "
                 f"Hq={hq}, Hkv={hkv}, D={d}, {args.threads} thread(s), {clock} time",
-                ["S", "cp", "median of", "kernel", "comm", "rank (ms)", "limit: SDPA full / cp (ms)",
+                ["S", "cp", "median of", "kernel", "comm", "rank (ms)",
+                 "limit: SDPA full / cp (ms)",
                  "ratio", f">= {TARGET}", "vs same kernel full / cp"], rows,
                 note="Rank time: the slower of ranks 0 and cp-1 for p2p, rank 0 for all_gather "
                      "(zigzag gives every rank the same work). The pure-torch rows miss the "

@@ -10,7 +10,8 @@ median, ``torch.cuda.synchronize`` around each timed call:
 2. one rank's zigzag schedule at cp = 2, 4, 8 (``feed.FeedTransport``: the library's ring with
    the other ranks' K/V fed locally, no wire) vs full-sequence SDPA time / cp -- the
    ring-flash-attention metric, target >= 0.85;
-3. the pure-torch blockwise kernel (``NXD_CP_KERNEL=torch``) on the full sequence, for contrast.
+3. the pure-torch blockwise kernel (``reference_kernel_only()``) on the full sequence, for
+   contrast.
 
 FLOPs of causal attention fwd + bwd: 3.5 x (4 B Hq S^2 D / 2) (backward = 2.5 x forward, the
 FlashAttention convention). ``--device cpu`` runs the same code on the CPU as a smoke test of
@@ -25,9 +26,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from common import forced_kernel, interleaved_medians, machine_stamp, parser, print_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    forced_kernel,
+    interleaved_medians,
+    machine_stamp,
+    parser,
+    print_table,
+    write_json,
+)
 from feed import fed_rank_attention  # noqa: E402
+
 from nxd_cp.attention import BlockMask, local_attention  # noqa: E402
 from nxd_cp.sequence.layout import shard_sequence  # noqa: E402
 
@@ -123,7 +131,8 @@ def main() -> None:
             rank_time = max(t[(cp, 0)], t[(cp, cp - 1)])
             limit = t["full"] / cp
             rows.append([s, cp, f"{rank_time * 1e3:.2f}", f"{limit * 1e3:.2f}",
-                         f"{limit / rank_time:.3f}", "yes" if limit / rank_time >= TARGET else "NO"])
+                         f"{limit / rank_time:.3f}",
+                         "yes" if limit / rank_time >= TARGET else "NO"])
             results["schedule"].append(dict(seq_len=s, cp=cp, rank_time=rank_time, limit=limit,
                                             ratio=limit / rank_time))
         del q, k, v, dout, fns
@@ -138,9 +147,11 @@ def main() -> None:
                                  "torch": fwd_bwd(local, (q, k, v), dout, kernel="torch")},
                                 reps=reps, warmup=1, sync=sync)
         tf = {n: flops(s) / x / 1e12 for n, x in t.items()}
-        rows.append([s, f"{tf['torch']:.3g}", f"{tf['sdpa']:.3g}", f"{tf['torch'] / tf['sdpa']:.3f}"])
+        rows.append([s, f"{tf['torch']:.3g}", f"{tf['sdpa']:.3g}",
+                     f"{tf['torch'] / tf['sdpa']:.3f}"])
         results["torch"].append(dict(seq_len=s, times=t, tflops=tf))
-    print_table("Pure-torch blockwise kernel (NXD_CP_KERNEL=torch) vs SDPA, full sequence, fwd+bwd",
+    print_table("Pure-torch blockwise kernel (reference_kernel_only) vs SDPA, full sequence, "
+                "fwd+bwd",
                 ["S", "pure torch TFLOP/s", "SDPA TFLOP/s", "ratio"], rows,
                 note=", ".join(f"{k}: {v}" for k, v in results["stamp"].items()))
     write_json(args.json, results)

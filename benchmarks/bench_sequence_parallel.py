@@ -12,10 +12,8 @@ heads, MLP 352, 2 layers, vocab 256; ``examples/train_llama_cp.py``) after
   ``sbh(10 + 24/t)`` without SP, ``sbh*34/t`` with SP (Korthikanti et al. 2022; GPT layer with
   4h GELU MLP and dropout masks, so only the trend compares).
 * Collectives of decoder layer 1 (``nxd_cp.count_bytes``: calls and bytes this rank sends,
-  forward and backward), SP on / off, TP inputs grouped (q/k/v and gate/up share one
-  communication, the default) or not (``sequence_parallel.GROUP_TP_INPUTS = False``: every
-  projection all-reduces its own input gradient; with SP the input is gathered as on the NxD
-  path). ``ring_shift`` is the CP attention's K/V exchange, everything else is TP.
+  forward and backward), SP on / off; the TP inputs are grouped (q/k/v and gate/up share one
+  communication). ``ring_shift`` is the CP attention's K/V exchange, everything else is TP.
 * CPU time per training step (forward, backward, gradient reductions, AdamW) of the demo
   configuration (TP2xCP2, S = 8192), SP off and on alternating in one run: median per rank.
 """
@@ -113,17 +111,13 @@ def step_times(seq_len, steps):
 
 def measure(rank, world, seq_len, e2e_seq, steps):
     from nxd_cp import parallel_state as ps
-    from nxd_cp.tensor_parallel import sequence_parallel as spm
 
     out = {"layers": [], "e2e": None}
     for tp, cp in LAYOUTS:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
-        for grouped in (True, False):
-            spm.GROUP_TP_INPUTS = grouped
-            for sp in (False, True):
-                out["layers"].append(dict(tp=tp, cp=cp, sp=sp, grouped=grouped,
-                                          **layer_figures(seq_len, sp)))
-        spm.GROUP_TP_INPUTS = True
+        for sp in (False, True):
+            out["layers"].append(dict(tp=tp, cp=cp, sp=sp, grouped=True,
+                                      **layer_figures(seq_len, sp)))
         if (tp, cp) == (2, 2):
             out["e2e"] = step_times(e2e_seq, steps)
         ps.destroy_model_parallel()

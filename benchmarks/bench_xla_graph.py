@@ -11,8 +11,8 @@ Two graphs, each lowered by torch-xla on CPU for every rank of its world:
    backward, CP gradient all-reduce, AdamW step): the same figures over its 4 ranks.
 
 For rank 1's graph (rank 0's for the step): the XLA:CPU compile time
-(``torch_xla._XLAC._xla_warm_up_cache`` compiles without executing) and the compiled peak memory
-of the rank (``Total bytes used`` of XLA's buffer assignment, from
+(``nxd_cp.compat.torch_xla.warm_up_cache`` compiles without executing) and the compiled peak
+memory of the rank (``Total bytes used`` of XLA's buffer assignment, from
 ``XLA_FLAGS=--xla_dump_to``). Each measurement runs in its own process (XLA_FLAGS is read at
 start-up). ``--baseline REV ...`` measures the same for older revisions of ``nxd_cp`` (default:
 7de2d56, the first rank-independent attention graph, and 206cd90, before it), exported with
@@ -46,15 +46,45 @@ _OPCODE = re.compile(r"= (?:\([^)]*\)|\S+) ([\w\-]+)\(")  # shape (a tuple, too)
 COLLECTIVES = ("collective-permute", "all-gather", "reduce-scatter", "all-reduce", "all-to-all")
 
 
+class _LegacyXla:
+    """The torch-xla calls of ``nxd_cp.compat.torch_xla``, for revisions without it
+    (``--baseline``)."""
+
+    @staticmethod
+    def reset_collective_token(device) -> None:
+        import torch_xla
+        torch_xla._XLAC._set_all_reduce_token(str(device), None)
+
+    @staticmethod
+    def tensors_hlo(tensors) -> str:
+        import torch_xla
+        return torch_xla._XLAC._get_xla_tensors_hlo(list(tensors))
+
+    @staticmethod
+    def warm_up_cache(tensors) -> None:
+        import torch_xla
+        torch_xla._XLAC._xla_warm_up_cache(list(tensors), [])
+
+
+def _xla():
+    """nxd_cp's door to torch-xla's private calls (``_LegacyXla`` in older revisions)."""
+    try:
+        from nxd_cp.compat import torch_xla as xla_compat
+    except ImportError:
+        return _LegacyXla
+    return xla_compat
+
+
 def _attention_tensors(cp: int, s_local: int, rank: int):
     """Rank ``rank``'s attention fwd + bwd outputs (lazy XLA tensors)."""
     import torch
     import torch_xla
+
     from nxd_cp.attention import context_parallel_attention
     from nxd_cp.topology.groups import GroupSpec
 
     dev = torch_xla.device()
-    torch_xla._XLAC._set_all_reduce_token(str(dev), None)
+    _xla().reset_collective_token(dev)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, HQ, s_local, D, generator=g).to(dev).requires_grad_()
     k, v = (torch.randn(1, HKV, s_local, D, generator=g).to(dev).requires_grad_()
@@ -70,10 +100,11 @@ def _step_tensors(rank: int, int32: bool = False):
     int64 as tokenizers give it, or cast to int32 first)."""
     import torch
     import torch_xla
+
     from nxd_cp import parallel_state as ps
+    from nxd_cp.models import transform
     from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
     from nxd_cp.training.grads import allreduce_context_parallel_gradients
-    from nxd_cp.models import transform
     try:
         from nxd_cp.training.optim import AdamW
     except ImportError:  # older revisions: torch's (f64 scalars on XLA)
@@ -83,7 +114,7 @@ def _step_tensors(rank: int, int32: bool = False):
     from test_models import make_batch, make_model
 
     dev = torch_xla.device()
-    torch_xla._XLAC._set_all_reduce_token(str(dev), None)
+    _xla().reset_collective_token(dev)
     with ps.explicit_rank(TP * CP, rank, TP, CP):
         config = "p2p"  # older revisions: transform took the comm type itself
         if hasattr(ps, "set_training_config"):  # now: the active config transform reads
@@ -108,15 +139,15 @@ def _normalise(hlo: str) -> str:
 
 
 def _figures(hlo: str) -> dict:
-    lines = [l for l in hlo.splitlines() if _INSTRUCTION.match(l)]
-    ops = [m.group(1) for m in (_OPCODE.search(l) for l in lines) if m]
-    s64 = [l for l in lines if "s64[" in l]
+    lines = [line for line in hlo.splitlines() if _INSTRUCTION.match(line)]
+    ops = [m.group(1) for m in (_OPCODE.search(line) for line in lines) if m]
+    s64 = [line for line in lines if "s64[" in line]
     # s64 compute: what is left once the int64 inputs and their one convert each are set aside.
-    entry = [l for l in s64 if re.search(r"= s64\[[\d,]*\]\S* parameter\(|"
-                                         r"= s32\[[\d,]*\]\S* convert\(s64", l)]
+    entry = [line for line in s64 if re.search(r"= s64\[[\d,]*\]\S* parameter\(|"
+                                               r"= s32\[[\d,]*\]\S* convert\(s64", line)]
     return dict(instructions=len(lines), dots=ops.count("dot"),
                 collectives={c: ops.count(c) for c in COLLECTIVES if ops.count(c)},
-                f64=sum(1 for l in lines if "f64[" in l), s64=len(s64),
+                f64=sum(1 for line in lines if "f64[" in line), s64=len(s64),
                 s64_compute=len(s64) - len(entry))
 
 
@@ -124,8 +155,6 @@ def worker(kind: str, cp: int, s_local: int, compile_max: int, distinct_max: int
            dump: str) -> dict:
     """One graph (``kind`` "attention" or "step"), in a process whose XLA_FLAGS dump to
     ``dump``."""
-    import torch_xla
-
     if kind in ("step", "step32"):
         from nxd_cp import parallel_state as ps
         if not hasattr(ps, "explicit_rank"):
@@ -136,21 +165,22 @@ def worker(kind: str, cp: int, s_local: int, compile_max: int, distinct_max: int
         world, lower, first = cp, lambda r: _attention_tensors(cp, s_local, r), 1 % cp
     t0 = time.perf_counter()
     tensors = lower(first)
-    hlo = torch_xla._XLAC._get_xla_tensors_hlo(tensors)
+    hlo = _xla().tensors_hlo(tensors)
     row = dict(kind=kind, cp=cp, s_local=s_local, lower_s=round(time.perf_counter() - t0, 2),
                compile_s=None, peak_bytes=None, distinct=None, **_figures(hlo))
     if row["instructions"] <= compile_max:
         t0 = time.perf_counter()
-        torch_xla._XLAC._xla_warm_up_cache(tensors, [])
+        _xla().warm_up_cache(tensors)
         row["compile_s"] = round(time.perf_counter() - t0, 2)
-        totals = [int(m.group(1)) for path in glob.glob(os.path.join(dump, "*buffer-assignment.txt"))
+        dumped = glob.glob(os.path.join(dump, "*buffer-assignment.txt"))
+        totals = [int(m.group(1)) for path in dumped
                   for m in [re.search(r"Total bytes used: (\d+)", open(path).read())] if m]
         row["peak_bytes"] = max(totals) if totals else None
     if row["instructions"] <= distinct_max:
         graphs = {_normalise(hlo)}
         for r in range(world):
             if r != first:
-                graphs.add(_normalise(torch_xla._XLAC._get_xla_tensors_hlo(lower(r))))
+                graphs.add(_normalise(_xla().tensors_hlo(lower(r))))
         row["distinct"] = len(graphs)
         row["ranks"] = world
     return row
@@ -206,8 +236,8 @@ KEYS = (("instructions", "HLO instructions"), ("dots", "dots"),
 def _per_step(rows: dict, name: str, cps, s: int) -> str:
     """Instructions added per ring step from the smallest to the largest cp measured."""
     lo, hi = rows[name].get(("attention", cps[0], s)), rows[name].get(("attention", cps[-1], s))
-    if not lo or not hi or "instructions" not in lo or "instructions" not in hi:
-        return "-"
+    if not lo or not hi or "instructions" not in lo or "instructions" not in hi or lo is hi:
+        return "-"  # also with a single cp
     return f"{(hi['instructions'] - lo['instructions']) / (cps[-1] - cps[0]):,.0f}"
 
 
@@ -256,15 +286,15 @@ def report(rows: dict, names, args) -> None:
     print_table("One TP2 x CP2 training step of a tiny Llama, as lowered by torch-xla",
                 ["revision"] + [label for _, label in KEYS]
                 + ["s64 instr.", "s64 beyond the int64 inputs"], step,
-                note="Hidden 64, 2 layers, 4 heads (2 KV), vocabulary 256, sequence 256, batch "
-                     "2; forward, vocab-parallel loss, backward, CP gradient all-reduce, AdamW "
-                     "(`nxd_cp.training.optim.AdamW` where the revision has it, else torch's); rank 0's "
-                     "graph; distinct graphs over the 4 ranks. The batch (token ids, labels, "
-                     "positions, mask) enters as int64 (HF's convention): 4 s64 parameters and, "
-                     "in this checkout, one convert each to s32 at the model's entry; 's64 "
-                     "beyond' counts every other s64 instruction (index arithmetic, torch's "
-                     "cross entropy and embedding backward in older revisions). Cast the batch "
-                     "to int32 and the graph has none ('int32 batch').")
+                note="Hidden 64, 2 layers, 4 heads (2 KV), vocabulary 256, sequence 256, batch 2; "
+                     "forward, vocab-parallel loss, backward, CP gradient all-reduce, AdamW "
+                     "(`nxd_cp.training.optim.AdamW` where the revision has it, else torch's); "
+                     "rank 0's graph; distinct graphs over the 4 ranks. The batch (token ids, "
+                     "labels, positions, mask) enters as int64 (HF's convention): 4 s64 parameters "
+                     "and, in this checkout, one convert each to s32 at the model's entry; 's64 "
+                     "beyond' counts every other s64 instruction (index arithmetic, torch's cross "
+                     "entropy and embedding backward in older revisions). Cast the batch to int32 "
+                     "and the graph has none ('int32 batch').")
 
 
 def main() -> None:

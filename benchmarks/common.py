@@ -111,18 +111,15 @@ def interleaved_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: i
 
 @contextlib.contextmanager
 def forced_kernel(kernel: str) -> Iterator[None]:
-    """Run the block with ``NXD_CP_KERNEL=kernel`` ("auto": the default registry)."""
-    from nxd_cp.attention.dispatch import KERNEL_ENV
+    """Run the block on the pure-torch reference kernel (``kernel="torch"``) or on the default
+    registry (``"auto"``): ``dispatch.reference_kernel_only``."""
+    # Imported here: bench_xla_graph imports this module with older revisions of nxd_cp.
+    from nxd_cp.attention.dispatch import reference_kernel_only
 
-    old = os.environ.get(KERNEL_ENV)
-    os.environ[KERNEL_ENV] = kernel
-    try:
+    if kernel not in ("auto", "torch"):
+        raise ValueError(f"kernel={kernel!r} must be 'auto' or 'torch'")
+    with reference_kernel_only(kernel == "torch"):
         yield
-    finally:
-        if old is None:
-            del os.environ[KERNEL_ENV]
-        else:
-            os.environ[KERNEL_ENV] = old
 
 
 # ---------------------------------------------------------------------------------------------

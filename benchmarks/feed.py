@@ -22,13 +22,10 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from nxd_cp.attention.all_gather import all_gather_attention
-from nxd_cp.attention.ring import ring_attention
+from nxd_cp.attention.streams import stream_attention
 from nxd_cp.comm.base import PendingTensor, Transport
-from nxd_cp.topology.groups import GroupSpec
 from nxd_cp.sequence.layout import shard_sequence
-
-ALGORITHMS = {"p2p": ring_attention, "all_gather": all_gather_attention}
+from nxd_cp.topology.groups import GroupSpec
 
 
 def kv_shards(k: torch.Tensor, v: torch.Tensor, cp_size: int,
@@ -87,12 +84,12 @@ def fed_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: in
     shards ``(q_l, k_l, v_l)``."""
     seq_len, scale = q.shape[2], 1.0 / math.sqrt(q.shape[-1])
     feed = FeedTransport(rank, kv_shards(k, v, cp))
-    algorithm = ALGORITHMS[comm]
 
     def attention(qq, kk, vv):
         feed.start_pass()
-        out = algorithm(qq, kk, vv, None, transport=feed, seq_len=seq_len,
-                        load_balance="zigzag", causal=True, window=None, scale=scale)
+        out = stream_attention(qq, kk, vv, None, comm_type=comm, transport=feed,
+                               seq_len=seq_len, load_balance="zigzag", causal=True, window=None,
+                               scale=scale)
         feed.start_pass()  # the backward's first shift is the local K/V again
         return out
     q_l = shard_sequence(q, 2, rank, cp).contiguous()

@@ -80,11 +80,11 @@ def headline(data: Dict[str, Optional[dict]]) -> List[List[str]]:
         rows.append(["communication vs our formula (fwd and bwd)", "±1%",
                      f"max deviation {dev:.2%}", "yes" if dev <= 0.01 else "NO"])
         fwd = max(abs(r["fwd_vs_limit"] - 1) for r in comm["rows"])
-        rows.append(["communication fwd vs issue limit (cp-1)/cp of gathered K/V", "±1%",
+        rows.append(["communication fwd vs limit (cp-1)/cp of gathered K/V", "±1%",
                      f"max deviation {fwd:.2%}", "yes" if fwd <= 0.01 else "NO"])
         for c in ("p2p", "all_gather"):
             b = [r["bwd_vs_limit"] for r in comm["rows"] if r["comm"] == c]
-            rows.append([f"communication bwd vs issue limit (dK/dV fp32 only), {c}", "1.00",
+            rows.append([f"communication bwd vs limit (dK/dV fp32 only), {c}", "1.00",
                          f"{min(b):.3f}-{max(b):.3f}", "NO (by design, see below)"])
         rep = [r["vs_repeat_kv"] for r in comm["rows"]]
         rows.append(["communication vs repeat-KV design", "Hkv/Hq = 0.25",
@@ -175,7 +175,7 @@ def findings(data: Dict[str, Optional[dict]]) -> str:
                 "v, out and fp32 lse is an extra copy to remove.")
     if comm:
         out.append(
-            "- **Communication, backward above the issue's limit (by design).** The limit counts "
+            "- **Communication, backward above the limit (by design).** The limit counts "
             "only dK/dV. Because only the local K/V are saved (memory 1/cp above), backward "
             "re-rotates (p2p) or re-gathers (all_gather) K/V: (cp-1)·2E·e more bytes; p2p's "
             "dK/dV also make cp hops, not cp-1 (the last brings them home). Keeping the received "
@@ -226,7 +226,7 @@ def findings(data: Dict[str, Optional[dict]]) -> str:
 
 
 def xla_findings(xla: Optional[dict]) -> List[str]:
-    """Why the cp=8 attention graph is above issue 14's ~3,500 instructions, where it is."""
+    """Why the cp=8 attention graph is above ~3,500 instructions (the graph-size target), where it is."""
     if not xla:
         return []
     att = {r["s_local"]: r["instructions"] for r in xla["rows"]["new"]
@@ -263,7 +263,7 @@ def sp_reading(sp: dict) -> str:
         f" at TP{t}xCP{c}" for t, c in layouts)
     megatron = " and ".join(f"{(34 / t) / (10 + 24 / t):.2f}x" for t, _ in layouts)
     t, c = layouts[0]
-    grouped, ungrouped = rows[(t, c, False, True)], rows[(t, c, False, False)]
+    grouped, ungrouped = rows[(t, c, False, True)], rows.get((t, c, False, False))
     on, off = tp_bytes(rows[(t, c, True, True)]), tp_bytes(grouped)
     e2e = sp["e2e"]
     ratio = e2e["True"] / e2e["False"]
@@ -278,11 +278,14 @@ def sp_reading(sp: dict) -> str:
         "Reading: with SP the decoder layer saves 1/tp of everything (norm inputs and outputs; "
         "the projections' inputs are kept as their TP shard and all-gathered again in "
         f"backward): against SP off {saved}, the trend of Megatron's `sbh(10+24/t)` -> `sbh*34/t` "
-        f"({megatron}). Grouping the TP inputs (q/k/v, gate/up) cuts the backward of a layer "
-        f"from {ungrouped['bwd_calls'].get('all_reduce', 0)} all-reduces to "
-        f"{grouped['bwd_calls'].get('all_reduce', 0)} (TP{t}, "
-        f"{fmt_bytes(ungrouped['bwd_bytes'].get('all_reduce', 0))} -> "
-        f"{fmt_bytes(grouped['bwd_bytes'].get('all_reduce', 0))} sent). At TP{t}xCP{c} SP "
+        f"({megatron}). "
+        + (f"Grouping the TP inputs (q/k/v, gate/up) cuts the backward of a layer "
+           f"from {ungrouped['bwd_calls'].get('all_reduce', 0)} all-reduces to "
+           f"{grouped['bwd_calls'].get('all_reduce', 0)} (TP{t}, "
+           f"{fmt_bytes(ungrouped['bwd_bytes'].get('all_reduce', 0))} -> "
+           f"{fmt_bytes(grouped['bwd_bytes'].get('all_reduce', 0))} sent). "
+           if ungrouped is not None else "The TP inputs (q/k/v, gate/up) are grouped. ")
+        + f"At TP{t}xCP{c} SP "
         f"sends {on / off - 1:+.0%} TP bytes against grouped TP without SP (the re-gathers of the "
         f"saved inputs), and its CPU time per step is {ratio:.2f}x the SP-off step on this "
         f"machine ({why}).")
@@ -341,7 +344,7 @@ def plot(data: Dict[str, Optional[dict]], path: str) -> None:
         rs = sorted(comm["rows"], key=lambda r: r["cp"])
         ax3.plot(sorted({r["cp"] for r in rs}),
                  [(r["limit"]["fwd"] + r["limit"]["bwd"]) / 2**20 for r in rs if r["comm"] == "p2p"],
-                 "k--", alpha=0.6, label="issue limit (fwd K/V + bwd dK/dV)")
+                 "k--", alpha=0.6, label="limit (fwd K/V + bwd dK/dV)")
     ax3.set(title="Bytes sent per rank per attention call", xlabel="cp", ylabel="MiB",
             xscale="log", yscale="log")
     plain = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}")
@@ -369,8 +372,8 @@ def markdown(data, commands: Dict[str, str], seconds: Optional[float], quick: bo
     gpu = data.get("bench_gpu") or {}
     lines = ["# Performance", "",
              "Generated by `benchmarks/run_all.sh" + (" --quick" if quick else "") + "` "
-             "(`benchmarks/report.py`); do not edit by hand. Issue 6 defines the figures and "
-             "targets: each is printed beside its theoretical limit and the ratio.", "",
+             "(`benchmarks/report.py`); do not edit by hand. The one home of every measured "
+             "figure: each is printed beside its theoretical limit and the ratio.", "",
              "## Machine", "",
              f"- CPU: {stamp['cpu']}, {stamp['cores']} cores (shared with other jobs while this "
              "ran: CPU-time clocks below)",

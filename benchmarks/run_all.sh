@@ -27,7 +27,7 @@ if [[ -z "$out" ]]; then
 fi
 results="$(mktemp -d -t nxd_cp_bench_XXXX)"  # JSON, logs and command lines of this run
 echo "results: $results"
-# One intra-op thread everywhere: spawned ranks use one (tests/harness.py), and the CPU
+# One intra-op thread everywhere: spawned ranks use one (nxd_cp/testing.py), and the CPU
 # efficiency benchmark compares both sides at the same count.
 export OMP_NUM_THREADS=1
 

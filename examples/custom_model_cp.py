@@ -28,7 +28,7 @@ from torch import nn
 
 import nxd_cp
 from nxd_cp import parallel_state as ps
-from nxd_cp.tensor_parallel.layers import (ColumnParallelLinear, ParallelEmbedding, ReplicatedKVLinear,
+from nxd_cp.layers import (ColumnParallelLinear, ParallelEmbedding, ReplicatedKVLinear,
                            RowParallelLinear)
 
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4  # fp32: the project's forward / gradient parity bounds
@@ -125,7 +125,7 @@ class ParallelSelfAttention(nn.Module):
             self.k = ReplicatedKVLinear(dim, n_kv_heads, hd, bias=True)
             self.v = ReplicatedKVLinear(dim, n_kv_heads, hd, bias=True)
         self.proj = RowParallelLinear(n_heads * hd, dim, input_is_parallel=True)
-        # comm type and layout: the active config of neuronx_distributed_config, read at each call
+        # comm type and layout: the active config when built (neuronx_distributed_config), bound
         self.attention = nxd_cp.ContextParallelAttention(causal=True)
 
     def forward(self, hidden_states, *, position_ids):

@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = init_distributed(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    config = nxd_cp.neuronx_distributed_config(  # given once: data, model and loss read it
+    config = nxd_cp.neuronx_distributed_config(  # given once; transform binds it into the model
         tensor_parallel_size=args.tensor_parallel_size,
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
                          args.packed)
         documents = full.pop("documents", None)
         batch = {k: v.to(device) for k, v in
-                 nxd_cp.get_batch_on_this_context_parallel_rank(full).items()}
+                 nxd_cp.get_batch_on_this_context_parallel_rank(full, config=model).items()}
         first = step == start_step
         with nxd_cp.count_bytes() as sent, nxd_cp.count_saved_bytes(model.parameters()) as saved:
             loss = model(**batch).loss

@@ -23,7 +23,8 @@ from nxd_cp.attention import context_parallel_attention
 from nxd_cp.training.checkpoint import (checkpoint_metadata, has_checkpoint, load_checkpoint,
                                save_checkpoint)
 from nxd_cp.comm import count_bytes
-from nxd_cp.config import ContextParallelConfig, get_context_parallel_config
+from nxd_cp.config import ContextParallelConfig
+from nxd_cp.parallel_state import get_context_parallel_config
 from nxd_cp.nxd_config import neuronx_distributed_config
 from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
 from nxd_cp.training.grads import (allreduce_context_parallel_gradients,
@@ -31,8 +32,9 @@ from nxd_cp.training.grads import (allreduce_context_parallel_gradients,
 from nxd_cp.training.loss import context_parallel_cross_entropy
 from nxd_cp.training.memory import count_saved_bytes
 from nxd_cp.nn import ContextParallelAttention, parallelize, register_module
-from nxd_cp.tensor_parallel.sequence_parallel import allreduce_sequence_parallel_gradients
-from nxd_cp.sequence.layout import sequence_positions, shard_sequence, unshard_sequence
+from nxd_cp.training.grads import allreduce_sequence_parallel_gradients
+from nxd_cp.sequence.layout import sequence_positions, shard_sequence
+from nxd_cp.sequence.unshard import unshard_sequence
 
 _LAZY = {"transform": "nxd_cp.models", "full_state_dict": "nxd_cp.models",
          "models": "nxd_cp.models", "ArchitectureSpec": "nxd_cp.models",

@@ -1,24 +1,17 @@
 """The context-parallel config: how K/V travel and how the sequence is laid out over CP ranks.
 
-A job has one ``ContextParallelConfig``, given once: ``neuronx_distributed_config(...,
-context_parallel_config={...})`` validates it and makes it the *active* config of parallel
-state (with the job's ``sequence_parallel`` flag). Everything that depends on it reads that one
-value when it runs, so the data and the model cannot disagree on the layout:
-
-| reader                                         | reads                                  |
-|------------------------------------------------|----------------------------------------|
-| ``get_batch_on_this_context_parallel_rank``    | ``load_balance`` (how the batch is cut) |
-| a model from ``transform``, ``ContextParallelAttention`` | ``comm_type``, ``load_balance`` |
-| ``context_parallel_attention`` (arguments None) | ``comm_type``, ``load_balance``        |
-
-``COMM_TYPES`` and ``LOAD_BALANCES`` are defined here and nowhere else.
+Pure data and its validation (no process state). A job gives it once, to
+``neuronx_distributed_config(..., context_parallel_config={...})``, which makes it the *active*
+config (``parallel_state.get_context_parallel_config()``); ``transform`` and
+``ContextParallelAttention`` bind it into the model when they build it, and the batch function
+shards with the model's config or, by default, the active one. ``COMM_TYPES`` and
+``LOAD_BALANCES`` are defined here and nowhere else.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from nxd_cp import parallel_state as ps
 from nxd_cp.nxd_subconfigs import _check_choice, _fields_from_dict, _shallow_dict
 
 COMM_TYPES = ("p2p", "all_gather")
@@ -60,10 +53,9 @@ ConfigLike = Union[None, ContextParallelConfig, Mapping[str, Any]]
 
 def context_parallel_config_of(config: ConfigLike) -> ContextParallelConfig:
     """The ``ContextParallelConfig`` a user handed over: the dict ``neuronx_distributed_config``
-    returns (or NxD's own, which has none: defaults), its ``"context_parallel_config"`` dict, a
-    ``ContextParallelConfig``, or None (the active one)."""
-    if config is None:
-        return get_context_parallel_config()
+    returns (or NxD's own, which has none: defaults), its ``"context_parallel_config"`` dict or
+    a ``ContextParallelConfig``. (None, "the active config", is resolved by the callers through
+    ``parallel_state.get_context_parallel_config()``.)"""
     if isinstance(config, ContextParallelConfig):
         return config
     if isinstance(config, Mapping):
@@ -74,26 +66,3 @@ def context_parallel_config_of(config: ConfigLike) -> ContextParallelConfig:
                      "the dict returned by nxd_cp.neuronx_distributed_config or its "
                      "'context_parallel_config' dict (set comm_type / load_balance with "
                      "neuronx_distributed_config(context_parallel_config={...}))")
-
-
-def get_context_parallel_config() -> ContextParallelConfig:
-    """The active CP config: the one of the last ``neuronx_distributed_config`` call, or the
-    defaults (``p2p``, ``zigzag``) when parallel state was initialised without it."""
-    cfg = ps.get_training_config()
-    return cfg.context_parallel_config if cfg is not None else ContextParallelConfig()
-
-
-def sequence_parallel_enabled() -> bool:
-    """The active config's ``sequence_parallel`` flag (False without a config)."""
-    cfg = ps.get_training_config()
-    return bool(cfg is not None and cfg.sequence_parallel)
-
-
-def require_active(config: ContextParallelConfig, what: str) -> None:
-    """``RuntimeError`` unless ``config`` is the active CP config (``what`` was built with it)."""
-    active = get_context_parallel_config()
-    if config != active:
-        raise RuntimeError(
-            f"{what} was built with {config} but the active config is {active}: batches are "
-            "sharded with the active one (get_batch_on_this_context_parallel_rank). Call "
-            "neuronx_distributed_config(...) with the config of the model, or build it anew")

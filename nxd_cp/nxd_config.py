@@ -143,12 +143,6 @@ class NeuronxDistributedConfig:
 
 
 # --- environment checks ----------------------------------------------------------------------
-def nxd_available() -> bool:
-    """True when NxD is in charge (``parallel_state.nxd_in_charge()``, the one decision point,
-    asked at each call: importable, not disabled, and on XLA or with ``NXD_CPU_MODE=1``)."""
-    return parallel_state.nxd_in_charge()
-
-
 def _check_supported(cfg: NeuronxDistributedConfig, with_nxd: bool) -> None:
     """NotImplementedError for what nxd_cp cannot run in this environment."""
     # nxd_cp.parallel_state.initialize_model_parallel forwards only tp, pp and cp to NxD.
@@ -269,8 +263,9 @@ def neuronx_distributed_config(
     When torch.distributed is initialised, checks that the world size is divisible by
     tp * cp * pp, initialises ``nxd_cp.parallel_state`` (NxD's too, when installed) unless it
     already is with the same sizes, and makes this config the active one
-    (``nxd_cp.config.get_context_parallel_config()``, read by the data function, the attention
-    and ``transform``). When it is not initialised, process state is left alone, as NxD does.
+    (``parallel_state.get_context_parallel_config()``: ``transform`` and
+    ``ContextParallelAttention`` bind it when they build, the batch function shards with it by
+    default). When it is not initialised, process state is left alone, as NxD does.
 
     Returns a dict with NxD's keys (``tensor_parallel_size``, ..., ``context_parallel_size``,
     ..., ``lnc_size``) plus ``"context_parallel_config"``: ``{"comm_type", "load_balance"}``.
@@ -281,7 +276,7 @@ def neuronx_distributed_config(
     """
     # locals() holds exactly the arguments at this point: they go to build_config unchanged.
     cfg = build_config(**locals())
-    _check_supported(cfg, nxd_available())
+    _check_supported(cfg, parallel_state.nxd_in_charge())
     result = cfg.to_dict()
     if dist.is_available() and dist.is_initialized():
         _check_world(cfg)
@@ -291,4 +286,23 @@ def neuronx_distributed_config(
         if dist.get_rank() == 0 and previous != cfg:
             logger.info("nxd_cp config%s: %s", " (replaces the previous one)" if previous
                         else "", result)
+        _warn_unapplied_clipping(cfg)
     return result
+
+
+def _warn_unapplied_clipping(cfg: NeuronxDistributedConfig) -> None:
+    """``optimizer_config['grad_clipping']`` is applied by NxD's optimizer wrapper; on the
+    fallback nothing applies it: say so (once, rank 0) rather than silently not clip."""
+    if (cfg.optimizer_config.grad_clipping and not parallel_state.nxd_in_charge()
+            and dist.get_rank() == 0 and not _WARNED_CLIPPING):
+        _WARNED_CLIPPING.append(True)
+        logger.warning(
+            "nxd_cp: optimizer_config['grad_clipping']=True (max_grad_norm=%s, NxD's default) "
+            "is applied by NxD's optimizer wrapper, which is not in charge here: on the "
+            "torch.distributed fallback nothing clips the gradients. Clip them yourself after "
+            "the gradient reduction (a TP-sharded model's norm needs the norm of every shard), "
+            "or pass optimizer_config={'grad_clipping': False} to silence this",
+            cfg.optimizer_config.max_grad_norm)
+
+
+_WARNED_CLIPPING: list = []

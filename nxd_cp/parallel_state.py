@@ -1,38 +1,42 @@
 """Parallel state with NxD's names: TP, CP, DP, DP x CP and PP groups of this rank.
 
-THE one place that decides whether NeuronX Distributed (NxD) is in charge (``nxd_in_charge``,
-asked at every call, never at import time): NxD's ``parallel_state`` (with CP) is importable,
-``NXD_CP_DISABLE_NXD`` is not ``1``, and NxD can build groups here (backend ``xla``, or
-``NXD_CPU_MODE=1``: gloo groups; without it NxD deadlocks off device). Otherwise (NxD absent, or
-gloo / NCCL without ``NXD_CPU_MODE``: logged once) nxd_cp builds its own groups with
-``new_group`` from ``nxd_cp.topology.layout`` (NxD's layout).
+Whether NeuronX Distributed (NxD) is in charge is decided by ``topology.nxd.decide`` (from the
+environment) when the groups are built, and kept: ``nxd_in_charge()`` is the one predicate and
+reads no environment variable after that. NxD in charge: every getter reads NxD's live state
+(nothing copied; a re-initialisation by NxD's own ``neuronx_distributed_config`` is seen); DP x
+CP is NxD's expert-data-parallel group (where NxD's optimizer reduces gradients), checked to be
+the union of each CP group's DP groups. Otherwise nxd_cp builds its own groups with
+``new_group`` from ``topology.layout`` (NxD's layout).
 
-NxD in charge: every getter reads NxD's live state (nothing copied; a re-initialisation by NxD's
-own ``neuronx_distributed_config`` is seen); DP x CP is NxD's expert-data-parallel group (where
-NxD's optimizer reduces gradients), checked to be the union of each CP group's DP groups. Every
-group is also a ``GroupSpec`` (members, index, XLA replica groups), what the CP algorithms take;
-``explicit_rank`` gives one rank of a world that does not run (XLA lowering). Groups inherit the
-world group's timeout (or ``initialize_model_parallel(timeout=...)``). The active training
-config (read through ``nxd_cp.config``) is kept here too: this module holds the only mutable
-module state of nxd_cp.
+Every group is also a ``GroupSpec`` (members, index, XLA replica groups), what the CP algorithms
+take; ``explicit_rank`` gives one rank of a world that does not run (XLA lowering). Groups
+inherit the world group's timeout (or ``initialize_model_parallel(timeout=...)``). Read once,
+when the groups are built: ``LOCAL_WORLD_SIZE`` (NxD's layout), ``NXD_CP_RANK_AS_TENSOR=1``
+(``GroupSpec.rank_as_tensor``: ranks as device data on gloo too, the XLA form) and what
+``topology.nxd.decide`` reads. The active training config (``neuronx_distributed_config``)
+is kept here too, with its readers ``get_context_parallel_config`` and
+``sequence_parallel_enabled``: module-level mutable state of nxd_cp is this module's and the
+opt-in registries' (kernels, architectures, modules, the byte tally).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
+from nxd_cp.compat.nxd import platform_target
+from nxd_cp.config import ContextParallelConfig
 from nxd_cp.topology.groups import GroupSpec
-from nxd_cp.topology.layout import ParallelLayout, rank_ring_pairs, ring_pairs, union_groups
-from nxd_cp.topology.process_groups import (log_once, new_group_timeout, nxd_cpu_mode, platform_target,
-                                   world_timeout)
+from nxd_cp.topology.layout import ParallelLayout, rank_ring_pairs, ring_pairs
+from nxd_cp.topology.nxd import NXD_GROUP_GETTERS, NxDDecision, decide, nxd_group_spec
+from nxd_cp.topology.process_groups import new_group_timeout, world_timeout
 
 _KINDS = ("tensor", "context", "data", "data_context", "pipeline")
+RANK_AS_TENSOR_ENV = "NXD_CP_RANK_AS_TENSOR"
 
 
 @dataclass
@@ -44,59 +48,55 @@ class _State:
     owned_groups: List[Any] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _NxDState:
+    """What was decided about NxD when its groups were built (or first seen live)."""
+    decision: NxDDecision
+    rank_as_tensor: bool
+
+
 _STATE: Optional[_State] = None  # nxd_cp's own groups or explicit_rank; None when NxD rules
 _NXD_SPECS: Dict[str, Tuple[Any, Any, GroupSpec]] = {}  # kind -> (NxD group, NxD mesh, spec)
+_NXD: Optional[_NxDState] = None  # kept from initialisation (or the first live NxD seen)
 _CONFIG: Any = None  # the NeuronxDistributedConfig of the last neuronx_distributed_config call
 
 
 # --- the decision ---------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _import_nxd():
-    """NxD's parallel_state module if a real NxD with CP is importable, else None (PyPI's
-    ``neuronx-distributed`` is a placeholder that raises on import, hence the broad except)."""
-    try:
-        from neuronx_distributed.parallel_layers import parallel_state as nps
-    except Exception:  # noqa: BLE001
-        return None
-    return nps if hasattr(nps, "get_context_model_parallel_group") else None
+def _rank_as_tensor() -> bool:
+    return os.environ.get(RANK_AS_TENSOR_ENV, "0") == "1"
 
 
-def _usable_nxd():
-    """NxD's parallel_state if NxD can be in charge in this process, else None."""
-    if os.environ.get("NXD_CP_DISABLE_NXD") == "1":
-        return None
-    nps = _import_nxd()
-    if nps is None or nxd_cpu_mode():
-        return nps
-    if dist.is_available() and dist.is_initialized():
-        backend = dist.get_backend()
-        if backend == "xla":
-            return nps
-        log_once(f"nxd_cp: NeuronX Distributed is importable but the torch.distributed backend "
-                  f"is {backend!r} and NXD_CPU_MODE is not 1: NxD cannot build groups here "
-                  "(it would deadlock), so nxd_cp uses its own groups and layers. Set "
-                  "NXD_CPU_MODE=1 to run NxD's code on CPU (gloo).")
-        return None
-    return nps if os.environ.get("PJRT_DEVICE", "").upper() == "NEURON" else None
+def _nxd_state() -> _NxDState:
+    """The kept decision, or (before any initialisation) one taken now and kept only if NxD
+    turns out to be live (initialised by NxD's own code)."""
+    global _NXD
+    if _NXD is not None:
+        return _NXD
+    state = _NxDState(decide(), _rank_as_tensor())
+    nps = state.decision.module
+    if nps is not None and nps.model_parallel_is_initialized():
+        _NXD = state
+    return state
 
 
 def nxd_in_charge() -> bool:
-    """True when NxD's parallel state, layers and cross entropy are the ones used (see the
-    module docstring for the rule); False inside ``explicit_rank`` and with nxd_cp's groups."""
-    return _STATE is None and _usable_nxd() is not None
+    """True when NxD's parallel state, layers and cross entropy are the ones used
+    (``topology.nxd`` has the rule; decided when the groups are built, logged when NxD is not
+    taken); False inside ``explicit_rank`` and with nxd_cp's own groups."""
+    return _STATE is None and _nxd_state().decision.in_charge
 
 
 def _nxd_live():
     """NxD's parallel_state when it is in charge and initialised, else None."""
     if _STATE is not None:
         return None
-    nps = _usable_nxd()
+    nps = _nxd_state().decision.module
     return nps if nps is not None and nps.model_parallel_is_initialized() else None
 
 
 # --- initialisation -------------------------------------------------------------------------
 def _layout(world, tp, cp, pp, lnc_size) -> ParallelLayout:
-    local = os.environ.get("LOCAL_WORLD_SIZE")
+    local = os.environ.get("LOCAL_WORLD_SIZE")  # read when the groups are built
     return ParallelLayout(world, tp, cp, pp, platform=platform_target(), lnc_size=lnc_size,
                           local_world_size=int(local) if local else None)
 
@@ -118,7 +118,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     ``ValueError`` for sizes NxD refuses (see ``nxd_cp.topology.layout``), ``NotImplementedError`` for
     expert parallelism.
     """
-    global _STATE
+    global _STATE, _NXD
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call "
                            "torch.distributed.init_process_group() (torchrun sets the "
@@ -137,8 +137,10 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
         raise RuntimeError("model parallel state is already initialized; call "
                            "destroy_model_parallel() first")
     timeout = timeout or world_timeout()
-    nps = _usable_nxd()
+    nxd = _NxDState(decide(), _rank_as_tensor())
+    nps = nxd.decision.module
     if nps is not None:
+        _NXD = nxd
         with new_group_timeout(timeout):
             nps.initialize_model_parallel(
                 tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
@@ -155,7 +157,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
             owned.append(pg)
             if rank in g:
                 mine = pg
-        specs[kind] = GroupSpec.explicit(groups, rank, mine)
+        specs[kind] = GroupSpec.explicit(groups, rank, mine, nxd.rank_as_tensor)
     _STATE = _State(layout, specs, "nxd_cp", rank, owned)
     return None
 
@@ -186,11 +188,12 @@ def model_parallel_is_initialized() -> bool:  # NxD's name
 def destroy_model_parallel() -> None:
     """Forget the groups (destroying those nxd_cp created; NxD's through NxD) and the active
     config. Safe when unset."""
-    global _STATE, _CONFIG
+    global _STATE, _CONFIG, _NXD
     _NXD_SPECS.clear()
     _CONFIG = None
     if _STATE is None:
         nps = _nxd_live()
+        _NXD = None
         if nps is not None:
             nps.destroy_model_parallel()
         return
@@ -212,36 +215,23 @@ def get_training_config():
     return _CONFIG
 
 
+def get_context_parallel_config() -> ContextParallelConfig:
+    """The active CP config: the one of the last ``neuronx_distributed_config`` call, or the
+    defaults (``p2p``, ``zigzag``) when parallel state was initialised without it. Read where a
+    config is bound (``transform``, ``ContextParallelAttention``) or defaulted (the batch
+    function), never per attention call."""
+    return _CONFIG.context_parallel_config if _CONFIG is not None else ContextParallelConfig()
+
+
+def sequence_parallel_enabled() -> bool:
+    """The active config's ``sequence_parallel`` flag (False without a config)."""
+    return bool(_CONFIG is not None and _CONFIG.sequence_parallel)
+
+
 # --- GroupSpecs -----------------------------------------------------------------------------
 def _not_initialized() -> RuntimeError:
     return RuntimeError("model parallel state is not initialized: call "
                         "nxd_cp.parallel_state.initialize_model_parallel(...) first")
-
-_NXD_GETTERS = {"tensor": "get_tensor_model_parallel_group",
-                "context": "get_context_model_parallel_group",
-                "data": "get_data_parallel_group",
-                "pipeline": "get_pipeline_model_parallel_group",
-                "data_context": "get_expert_data_parallel_group"}
-
-
-def _nxd_spec(nps, kind: str) -> GroupSpec:
-    """The spec of NxD's live group ``kind``, rebuilt whenever NxD's group objects change."""
-    getter = getattr(nps, _NXD_GETTERS[kind])
-    pg, mesh = getter(), getter(as_list=True)
-    cached = _NXD_SPECS.get(kind)
-    if cached is not None and cached[0] is pg and cached[1] is mesh:
-        return cached[2]
-    if kind == "data_context":
-        union = union_groups(nps.get_context_model_parallel_replica_groups(),
-                             nps.get_data_parallel_replica_groups())
-        if sorted(map(sorted, mesh)) != sorted(union):
-            raise RuntimeError(f"NxD's expert-data-parallel groups {mesh} are not its DP x CP "
-                               f"groups {union} on this layout: NxD's optimizer would reduce "
-                               "gradients over the wrong ranks; nxd_cp does not support it")
-    spec = GroupSpec.explicit(mesh, dist.get_rank(), pg)
-    _NXD_SPECS[kind] = (pg, mesh, spec)
-    return spec
-
 
 def get_group_spec(kind: str) -> GroupSpec:
     """This rank's ``GroupSpec`` of ``kind``: tensor, context, data, data_context, pipeline."""
@@ -252,7 +242,13 @@ def get_group_spec(kind: str) -> GroupSpec:
     nps = _nxd_live()
     if nps is None:
         raise _not_initialized()
-    return _nxd_spec(nps, kind)
+    getter = getattr(nps, NXD_GROUP_GETTERS[kind])
+    pg, mesh = getter(), getter(as_list=True)
+    cached = _NXD_SPECS.get(kind)
+    if cached is None or cached[0] is not pg or cached[1] is not mesh:  # NxD re-initialised
+        spec = nxd_group_spec(nps, kind, dist.get_rank(), _nxd_state().rank_as_tensor)
+        cached = _NXD_SPECS[kind] = (pg, mesh, spec)
+    return cached[2]
 
 
 def resolve_group(group=None, kind: str = "context") -> GroupSpec:
@@ -272,7 +268,8 @@ def resolve_group(group=None, kind: str = "context") -> GroupSpec:
         for k in _KINDS:
             spec = get_group_spec(k)
             if spec.ranks == ranks:
-                return GroupSpec(spec.ranks, spec.rank, spec.all_groups, group)
+                return GroupSpec(spec.ranks, spec.rank, spec.all_groups, group,
+                                 spec.rank_as_tensor)
     return GroupSpec.explicit([ranks], dist.get_rank(), group)
 
 

@@ -42,6 +42,10 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
+
+from nxd_cp import parallel_state as ps
+from nxd_cp.nxd_config import build_config, neuronx_distributed_config
 
 
 def free_port() -> int:
@@ -71,8 +75,7 @@ def _child(fn, rank, world_size, port, args, results, stack_dir, threads, option
         try:
             out = fn(rank, world_size, *args)
         finally:
-            from nxd_cp import parallel_state
-            parallel_state.destroy_model_parallel()
+            ps.destroy_model_parallel()
             dist.destroy_process_group()
         results.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -167,11 +170,6 @@ def activate_config(comm_type: str = "p2p", load_balance: str = "zigzag",
     in a training script; returns the config dict (what ``nxd_cp.transform`` takes). With a
     torch.distributed world it *is* ``neuronx_distributed_config``; without one (a single
     process, ``explicit_rank``) the validated config is set directly."""
-    import torch.distributed as dist
-
-    from nxd_cp import parallel_state as ps
-    from nxd_cp.nxd_config import build_config, neuronx_distributed_config
-
     lay = ps.get_layout() if ps.model_parallel_is_initialized() else None
     kwargs = dict(tensor_parallel_size=lay.tp if lay else 1,
                   context_parallel_size=lay.cp if lay else 1,

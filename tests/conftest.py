@@ -16,3 +16,78 @@ except ImportError:
     pass
 else:
     torch_xla.device()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiers (markers registered in pytest.ini; docs/verification.md "Running the tests")
+# ---------------------------------------------------------------------------------------------
+import inspect  # noqa: E402
+import multiprocessing.process  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+# A test is `gloo` when its function, or a fixture it uses defined under tests/, calls one of
+# these: real gloo ranks (nxd_cp.testing.run_ranks) or the torchrun example.
+GLOO_CALLS = ("run_ranks(", "run_example(", "TORCHRUN")
+# Modules whose every test spawns processes (the benchmark scripts run gloo ranks).
+GLOO_MODULES = {"test_benchmarks"}
+# xla_exec: lowered by torch-xla here, executed by JAX's XLA:CPU in one process per rank.
+XLA_EXEC_PREFIX = "test_xla_exec"
+# Tests that take more than ~60 s on 2 CPU cores (with the world their fixture spawns): a node
+# id prefix ("module.py", "module.py::test_name"), or "module.py@fixture" for every test of the
+# module that uses that fixture (its world); measured, see docs/verification.md.
+SLOW = (
+    # XLA tile-loop kernel executed on the XLA:CPU device: 48 s of the fast tier's 97 s with
+    # the machine's load average at 10
+    "test_kernels.py::test_tile_loop_kernel_on_xla_matches_sdpa",
+)
+
+
+def _sources(item):
+    """Source of the test function and of the fixtures it uses that are defined in tests/."""
+    funcs = [getattr(item, "function", None)]
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        funcs += [d.func for d in defs]
+    out = []
+    for f in funcs:
+        try:
+            if f is not None and Path(inspect.getsourcefile(f)).resolve().parent == TESTS:
+                out.append(inspect.getsource(f))
+        except (TypeError, OSError):
+            pass
+    return "\n".join(out)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = getattr(item, "module", None)
+        name = module.__name__.rsplit(".", 1)[-1] if module else ""
+        nodeid = item.nodeid.removeprefix("tests/")
+        worlds = {f"{nodeid.split('::')[0]}@{f}" for f in getattr(item, "fixturenames", ())}
+        marks = set()
+        if name.startswith(XLA_EXEC_PREFIX):
+            marks.add("xla_exec")
+        elif name in GLOO_MODULES or any(c in _sources(item) for c in GLOO_CALLS):
+            marks.add("gloo")
+        if name.startswith("test_nxd") or getattr(module, "NXD_RANKS", None) is not None:
+            marks.add("nxd")
+        if not marks & {"gloo", "xla_exec"}:
+            marks.add("unit")
+        if any(nodeid.startswith(s) or s in worlds for s in SLOW):
+            marks.add("slow")
+        for m in sorted(marks - {m.name for m in item.iter_markers()}):
+            item.add_marker(m)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_spawn_no_ranks(request, monkeypatch):
+    """A test of the `unit` tier that starts a process (a rank) fails: mark it (GLOO_CALLS)."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    def refuse(self):
+        raise AssertionError(f"{request.node.nodeid} is in the `unit` tier but starts a process "
+                             "(ranks): add what it calls to GLOO_CALLS in tests/conftest.py")
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

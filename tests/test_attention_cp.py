@@ -10,20 +10,20 @@ Tolerances: fp32 forward 1e-5 and gradients 1e-4 (the project's fp32 standard; m
 differences are fp32 summation order). bf16: TransformerEngine's bounds (atol = rtol = 2.5e-2,
 3.5e-2 with GQA), and no worse than 2x the error of full-sequence bf16 SDPA without CP.
 """
+import dataclasses
 import itertools
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nxd_cp.testing import run_ranks, visible_keys
 from nxd_cp import parallel_state as ps
 from nxd_cp.attention import context_parallel_attention, register_kernel
 from nxd_cp.attention.kernels import TorchBlockKernel
-from nxd_cp.comm.base import RANK_AS_TENSOR_ENV
-from nxd_cp.sequence.layout import shard_sequence, unshard_sequence
+from nxd_cp.sequence.layout import shard_sequence
+from nxd_cp.sequence.unshard import unshard_sequence
+from nxd_cp.testing import run_ranks, visible_keys
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 HEADS = [(8, 8), (8, 2), (8, 1)]  # MHA, GQA, MQA
@@ -116,17 +116,19 @@ def _run_case(case, rank_in_cp, cp, tp_rank, inputs):
     ref, dq_ref, dk_ref, dv_ref, dead = _reference(q, k, v, dout, keep, case)
     ql, kl, vl = [shard(t).to(dtype).requires_grad_() for t in (q, k, v)]
     previous = register_kernel("cpu", SMALL_TILES) if case["kernel"] != "default" else None
-    # The rank as a tensor: the rank-independent (XLA) form of the schedule, run on gloo.
-    os.environ[RANK_AS_TENSOR_ENV] = "1" if case.get("rank_as_tensor") else "0"
+    group = None
+    if case.get("process_group"):
+        group = ps.get_context_model_parallel_group()
+    elif case.get("rank_as_tensor"):
+        # The rank as a tensor: the rank-independent (XLA) form of the schedule, run on gloo.
+        group = dataclasses.replace(ps.get_group_spec("context"), rank_as_tensor=True)
     try:
         out = context_parallel_attention(
             ql, kl, vl, causal=case["causal"], comm_type=case["comm"],
             window_size=case["window"], load_balance=layout,
-            key_padding_mask=shard(keep, 1) if case["padding"] else None,
-            group=ps.get_context_model_parallel_group() if case.get("process_group") else None)
+            key_padding_mask=shard(keep, 1) if case["padding"] else None, group=group)
         out.backward(shard(dout).to(dtype))
     finally:
-        os.environ[RANK_AS_TENSOR_ENV] = "0"
         if case["kernel"] != "default":
             register_kernel("cpu", previous)
     full_out = unshard_sequence(out.detach(), 2, load_balance=layout)
@@ -150,7 +152,8 @@ def _run_case(case, rank_in_cp, cp, tp_rank, inputs):
         nocp = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask,
                                               is_causal=mask is None, enable_gqa=True)
         nocp.backward(dout.to(dtype))
-        got["nocp"] = dict(out=_rel(shard(nocp), shard(ref)), dq=_rel(shard(qb.grad), shard(dq_ref)),
+        got["nocp"] = dict(out=_rel(shard(nocp), shard(ref)),
+                           dq=_rel(shard(qb.grad), shard(dq_ref)),
                            dk=_rel(shard(kb.grad), shard(dk_ref)),
                            dv=_rel(shard(vb.grad), shard(dv_ref)))
     return got

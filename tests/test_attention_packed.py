@@ -15,20 +15,20 @@ TransformerEngine's bounds (atol = rtol = 2.5e-2, 3.5e-2 with GQA) and no worse 
 of full-sequence bf16 SDPA with the same mask, without CP. Negative control: the same output
 against the reference *without* the document mask is off by far more.
 """
+import dataclasses
 import itertools
-import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nxd_cp.testing import run_ranks, visible_keys
 from nxd_cp import parallel_state as ps
 from nxd_cp.attention import context_parallel_attention, register_kernel
 from nxd_cp.attention.fused import CpuFlashKernel
 from nxd_cp.attention.kernels import TorchBlockKernel
-from nxd_cp.comm.base import RANK_AS_TENSOR_ENV
-from nxd_cp.sequence.layout import sequence_positions, shard_sequence, unshard_sequence
+from nxd_cp.sequence.layout import sequence_positions, shard_sequence
+from nxd_cp.sequence.unshard import unshard_sequence
+from nxd_cp.testing import run_ranks, visible_keys
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 SMALL_TILES = TorchBlockKernel(tile_q=8, tile_k=16)
@@ -118,17 +118,18 @@ def run_case(case, cp_rank, cp, inputs):
     kernels = {"small-tiles": SMALL_TILES, "counting": CountingKernel()}
     previous = register_kernel("cpu", kernels[case["kernel"]]) if case["kernel"] in kernels \
         else None
-    os.environ[RANK_AS_TENSOR_ENV] = "1" if case["rank_as_tensor"] else "0"
+    # The rank as a tensor: the rank-independent (XLA) form of the schedule, run on gloo.
+    group = (dataclasses.replace(ps.get_group_spec("context"), rank_as_tensor=True)
+             if case["rank_as_tensor"] else None)
     CountingKernel.calls = 0
     try:
         out = context_parallel_attention(
             ql, kl, vl, causal=case["causal"], comm_type=case["comm"],
             window_size=case["window"], load_balance=layout,
             key_padding_mask=None if case.get("one_document") else shard(keep, 1),
-            seq_idx=shard(ids, 1), position_ids=positions.expand(2, -1))
+            seq_idx=shard(ids, 1), position_ids=positions.expand(2, -1), group=group)
         out.backward(shard(dout).to(dtype))
     finally:
-        os.environ[RANK_AS_TENSOR_ENV] = "0"
         if case["kernel"] in kernels:
             register_kernel("cpu", previous)
     ref, dq, dk, dv, dead = want

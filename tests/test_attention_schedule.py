@@ -3,10 +3,18 @@ import pytest
 import torch
 
 from nxd_cp.attention import context_parallel_attention
-from nxd_cp.attention.all_gather import all_gather_schedule
-from nxd_cp.attention.schedule import score_pairs
-from nxd_cp.attention.ring import ring_schedule
+from nxd_cp.attention.schedule import make_plan, score_pairs
 from nxd_cp.topology.groups import GroupSpec
+
+
+def ring_schedule(r, cp, s, layout, causal, window):
+    """Kernel calls of each ring step of CP rank ``r``."""
+    return make_plan(cp, s, layout, causal, window).tasks(r)
+
+
+def all_gather_schedule(r, cp, s, layout, causal, window):
+    """Kernel calls of CP rank ``r`` against the gathered K/V: the ring's steps, flattened."""
+    return [task for step in ring_schedule(r, cp, s, layout, causal, window) for task in step]
 
 
 def ring_pairs_per_rank(cp, s, layout, causal=True, window=None):
@@ -67,7 +75,8 @@ def _qkv(b=2, hq=8, hkv=2, s=16, d=8, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda q, k, v: (q[0], k, v), r"q must be a 4-D tensor \[B, H, S_local, D\], got \(8, 16, 8\)"),
+    (lambda q, k, v: (q[0], k, v),
+     r"q must be a 4-D tensor \[B, H, S_local, D\], got \(8, 16, 8\)"),
     (lambda q, k, v: (q, k, v[..., :4]), "k and v must have the same shape"),
     (lambda q, k, v: (q[:, :, :8], k, v), "must agree on batch, sequence and head dim"),
     (lambda q, k, v: (q[:, :7], k, v), r"query heads 7 must be a multiple of key/value heads 2"),

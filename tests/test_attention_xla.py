@@ -13,17 +13,20 @@ import torch
 
 torch_xla = pytest.importorskip("torch_xla")
 
+from xla_exec import normalise_hlo  # noqa: E402
+
 from nxd_cp.attention import context_parallel_attention  # noqa: E402
 from nxd_cp.attention.dispatch import register_kernel  # noqa: E402
 from nxd_cp.attention.tile_loop import TileLoopKernel  # noqa: E402
+from nxd_cp.comm.xla import XlaTransport  # noqa: E402
+from nxd_cp.compat import torch_xla as xla_compat  # noqa: E402
 from nxd_cp.topology.groups import GroupSpec  # noqa: E402
 from nxd_cp.topology.layout import ParallelLayout, ring_pairs  # noqa: E402
-from xla_exec import normalise_hlo  # noqa: E402
 
 
 def _reset_token():
     """Start a fresh chain of collectives so the HLO holds only what the next trace adds."""
-    torch_xla._XLAC._set_all_reduce_token(str(torch_xla.device()), None)
+    xla_compat.reset_collective_token(torch_xla.device())
 
 
 def _lower(cp, rank, comm_type, window=None, groups=None):
@@ -37,7 +40,7 @@ def _lower(cp, rank, comm_type, window=None, groups=None):
     out = context_parallel_attention(q, k, v, comm_type=comm_type, window_size=window,
                                      group=spec)
     out.backward(torch.ones_like(out))
-    return torch_xla._XLAC._get_xla_tensors_hlo([out, q.grad, k.grad, v.grad])
+    return xla_compat.tensors_hlo([out, q.grad, k.grad, v.grad])
 
 
 def _lines(hlo, opcode):
@@ -109,7 +112,7 @@ def _lower_case(cp, rank, comm, layout="zigzag", window=None, padded=False, caus
     out = context_parallel_attention(q, k, v, causal=causal, comm_type=comm, window_size=window,
                                      load_balance=layout, group=spec, key_padding_mask=keep)
     out.backward(torch.ones_like(out))
-    return torch_xla._XLAC._get_xla_tensors_hlo([out, q.grad, k.grad, v.grad])
+    return xla_compat.tensors_hlo([out, q.grad, k.grad, v.grad])
 
 
 CASES = [dict(), dict(layout="contiguous"), dict(window=5), dict(padded=True),
@@ -150,7 +153,6 @@ def test_tp2_cp2_ranks_lower_the_same_graph():
 
 def test_python_int_rank_gives_rank_dependent_graphs(monkeypatch):
     """Negative control: the rank as a Python int (the torch.distributed form) on XLA."""
-    from nxd_cp.comm.xla import XlaTransport
     monkeypatch.setattr(XlaTransport, "rank_value", lambda self, device: self.rank)
     graphs = {normalise_hlo(_lower_case(4, r, "p2p")) for r in range(4)}
     assert len(graphs) > 1

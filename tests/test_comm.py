@@ -11,10 +11,10 @@ import threading
 import pytest
 import torch
 
-from nxd_cp.testing import run_ranks
 from nxd_cp import parallel_state as ps
-from nxd_cp.comm import count_bytes, get_transport
 from nxd_cp.comm import autograd as cg
+from nxd_cp.comm import count_bytes, get_transport
+from nxd_cp.testing import run_ranks
 
 SHAPE = (2, 6, 4)
 
@@ -43,8 +43,8 @@ def _check_group(kind):
     check("all_gather", t.all_gather(x, 1), torch.cat(xs, 1))
     check("reduce_scatter", t.reduce_scatter(x, 1), total.chunk(n, 1)[r], exact=False)
     check("all_reduce", t.all_reduce(x), total, exact=False)
-    check("ring_shift+1", t.ring_shift(x, 1), xs[(r - 1) % n])
-    check("ring_shift-1", t.ring_shift(x, -1), xs[(r + 1) % n])
+    check("ring_shift+1", t.ring_shift_start(x, 1).wait(), xs[(r - 1) % n])
+    check("ring_shift-1", t.ring_shift_start(x, -1).wait(), xs[(r + 1) % n])
     check("ring_shift_start", t.ring_shift_start(x, 1).wait(), xs[(r - 1) % n])
 
     # Autograd wrappers: gradient of sum(y * g_r) on every rank.
@@ -78,7 +78,7 @@ def _check_group(kind):
     check("reduce.bwd", gx, gs[r])
 
     with count_bytes() as tally:
-        t.ring_shift(x, 1)
+        t.ring_shift_start(x, 1).wait()
         t.all_gather(x, 1)
         t.reduce_scatter(x, 1)
     nbytes = x.numel() * 4

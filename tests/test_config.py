@@ -5,12 +5,16 @@ import dataclasses
 import pytest
 import torch
 
-from nxd_cp.testing import run_ranks
 from nxd_cp import parallel_state as ps
-from nxd_cp.config import (ContextParallelConfig, context_parallel_config_of,
-                           get_context_parallel_config)
-from nxd_cp.nxd_config import (NXD_CONFIG_KEYS, NeuronxDistributedConfig, build_config,
-                               neuronx_distributed_config)
+from nxd_cp.config import ContextParallelConfig, context_parallel_config_of
+from nxd_cp.nxd_config import (
+    NXD_CONFIG_KEYS,
+    NeuronxDistributedConfig,
+    build_config,
+    neuronx_distributed_config,
+)
+from nxd_cp.parallel_state import get_context_parallel_config
+from nxd_cp.testing import run_ranks
 
 # NxD's neuronx_distributed_config returns exactly these keys (trainer/trainer.py).
 NXD_KEYS = {"tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size",
@@ -237,17 +241,28 @@ def _one_config_everywhere(cfg):
     neuronx_distributed_config(tensor_parallel_size=2, context_parallel_size=2,
                                sequence_parallel=True)  # a new active config
     out["model_after_reconfig"] = _outcome(lambda: model(**batch))
-    out["attention_after_reconfig"] = _outcome(lambda: attn(q, q, q))
+    out["attention_after_reconfig"] = _outcome(lambda: tuple(attn(q, q, q).shape))
+    out["attention_bound"] = attn.config.comm_type  # bound at construction, never swapped
     return out
 
 
-def test_config_initialises_parallel_state_on_four_ranks():
-    results = run_ranks(_config_on_ranks, 4)
-    for rank, got in enumerate(results):
+# One 4-rank world runs the scenario above in order (each step depends on the state the previous
+# left); the tests below each check one of its steps on every rank.
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_ranks(_config_on_ranks, 4)
+
+
+def test_bad_world_size_is_refused_and_leaves_state_alone(four_ranks):
+    for rank, got in enumerate(four_ranks):
         status, msg = got["bad_world"]
         assert status == "ValueError" and "world size 4 is not divisible" in msg, msg
         assert "tensor_parallel_size(3)" in msg and "= 3" in msg
         assert got["bad_world_left_state_alone"]
+
+
+def test_config_initialises_parallel_state_on_four_ranks(four_ranks):
+    for rank, got in enumerate(four_ranks):
         assert got["first"] == "ok", got["cfg"]
         assert got["cfg"] == {"tensor_parallel_size": 2, "context_parallel_size": 2,
                               "context_parallel_config": {"comm_type": "all_gather",
@@ -257,6 +272,10 @@ def test_config_initialises_parallel_state_on_four_ranks():
         assert got["sizes"] == (2, 2, 1)
         assert got["cp_rank"] == rank // 2
         assert got["active_after_first"] == "all_gather"
+
+
+def test_one_config_reaches_data_and_model(four_ranks):
+    for rank, got in enumerate(four_ranks):
         assert got["positions"] == ([0, 1, 2, 3, 12, 13, 14, 15] if rank < 2 else
                                     [4, 5, 6, 7, 8, 9, 10, 11]), got["positions"]
         status, msg = got["transform_other"]
@@ -267,9 +286,14 @@ def test_config_initialises_parallel_state_on_four_ranks():
         assert got["attention_active"] == ("ok", (1, 2, 8, 4)), got["attention_active"]
         status, msg = got["model_after_reconfig"]
         assert status == "RuntimeError" and "sequence_parallel=False" in msg, msg
-        status, msg = got["attention_after_reconfig"]
-        assert status == "RuntimeError" and "comm_type='all_gather'" in msg, msg
-        assert "the active config is ContextParallelConfig(comm_type='p2p'" in msg, msg
+        assert "'comm_type': 'all_gather'" in msg and "'comm_type': 'p2p'" in msg, msg
+        # the module keeps the config it was built with (no silent swap, nothing read per call)
+        assert got["attention_after_reconfig"] == ("ok", (1, 2, 8, 4))
+        assert got["attention_bound"] == "all_gather"
+
+
+def test_second_call_conflict_and_destroy(four_ranks):
+    for rank, got in enumerate(four_ranks):
         assert got["again"] == "ok" and got["same_group_after_again"]
         assert got["active_after_again"] == "p2p" and got["active_after_destroy"]
         status, msg = got["conflict"]

@@ -6,7 +6,8 @@ the unmodified transformers Qwen2 / Qwen3 in fp32 on one process (the helpers of
 test_models.py: same weights, batches, three AdamW steps), and the example's plain-torch GPT on
 one process.
 
-One 4-rank spawn runs everything (imports dominate on 2 cores): TP2xCP2, then TP1xCP4.
+One 4-rank spawn runs everything (imports dominate on 2 cores): TP2xCP2, then TP1xCP4; each
+case is its own test (tests/cases.py).
 - Qwen2: q/k/v biases, 1 KV head (replicated at TP2), use_sliding_window with
   max_window_layers=1 (layer 0 full, layer 1 sliding window 48 < sequence 256).
 - Qwen3: head_dim 32 != hidden/heads, q/k RMSNorm, attention bias, 2 KV heads (also 1: k/v
@@ -17,9 +18,10 @@ import importlib.util
 import os
 
 import pytest
-import torch
-
 import test_models as tm
+import torch
+from cases import CaseRunner, case_result, wanted_cases
+
 from nxd_cp.testing import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +69,7 @@ class GatedMLP(torch.nn.Module):
     forward(*, hidden_states) -> (out, None)."""
 
     def __init__(self, hidden, intermediate, act):
-        from nxd_cp.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+        from nxd_cp.layers import ColumnParallelLinear, RowParallelLinear
 
         super().__init__()
         self.gate_proj = ColumnParallelLinear(hidden, intermediate, bias=False,
@@ -86,10 +88,14 @@ class GatedMLP(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Rank-side scenarios
 # ---------------------------------------------------------------------------------------------
-def attention_errors():
+ATTENTION_CASES = ("causal", "window_padding", "bidirectional_contiguous")
+
+
+def attention_errors(comm, name):
     """ContextParallelAttention (fp32) vs float64 SDPA on the full sequence: forward and the
-    gradients of q, k, v (each rank's shard), relative norm-wise errors per case."""
+    gradients of q, k, v (each rank's shard), relative norm-wise errors of case ``name``."""
     import torch.nn.functional as F
+
     from nxd_cp import parallel_state as ps
     from nxd_cp.nn import ContextParallelAttention
     from nxd_cp.sequence.layout import shard_sequence
@@ -101,58 +107,68 @@ def attention_errors():
         "window_padding": (dict(window_size=24), "zigzag", True, 24, True),
         "bidirectional_contiguous": (dict(causal=False), "contiguous", False, None, True),
     }
-    out = {}
-    for comm in COMMS:
-        for name, (kw, layout, causal, window, padded) in cases.items():
-            g = torch.Generator().manual_seed(11)
-            q = torch.randn(b, hq, s, d, generator=g, dtype=torch.float64)
-            k = torch.randn(b, hkv, s, d, generator=g, dtype=torch.float64)
-            v = torch.randn(b, hkv, s, d, generator=g, dtype=torch.float64)
-            dout = torch.randn(b, hq, s, d, generator=g, dtype=torch.float64)
-            keep = torch.ones(b, s, dtype=torch.bool)
-            if padded:
-                keep[1, 40:46] = False
-                keep[0, 60:] = False
-            i = torch.arange(s)
-            allowed = torch.ones(s, s, dtype=torch.bool)
-            if causal:
-                allowed &= i[None, :] <= i[:, None]
-            if window:
-                allowed &= i[:, None] - i[None, :] < window
-            mask = allowed[None, None] & keep[:, None, None, :]
-            assert mask.any(-1).all(), "every query row must see a key (SDPA gives NaN else)"
-            ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-            ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask, enable_gqa=True)
-            ref.backward(dout)
+    kw, layout, causal, window, padded = cases[name]
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(b, hq, s, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, s, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, s, d, generator=g, dtype=torch.float64)
+    dout = torch.randn(b, hq, s, d, generator=g, dtype=torch.float64)
+    keep = torch.ones(b, s, dtype=torch.bool)
+    if padded:
+        keep[1, 40:46] = False
+        keep[0, 60:] = False
+    i = torch.arange(s)
+    allowed = torch.ones(s, s, dtype=torch.bool)
+    if causal:
+        allowed &= i[None, :] <= i[:, None]
+    if window:
+        allowed &= i[:, None] - i[None, :] < window
+    mask = allowed[None, None] & keep[:, None, None, :]
+    assert mask.any(-1).all(), "every query row must see a key (SDPA gives NaN else)"
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask, enable_gqa=True)
+    ref.backward(dout)
 
-            def mine(x, dim=2):
-                return shard_sequence(x, dim, rank, cp, layout)
-            local = [mine(t).float().requires_grad_() for t in (q, k, v)]
-            # the active config, set as a user does; the module gets it explicitly (padded
-            # cases: the dict of neuronx_distributed_config) or reads it (config=None)
-            cfg = tm.configure(comm, layout)
-            attn = ContextParallelAttention(cfg, **kw) if padded else ContextParallelAttention(**kw)
-            # 0/1 integer mask, as Hugging Face batches carry it
-            got = attn(*local, key_padding_mask=mine(keep, 1).long() if padded else None)
-            got.backward(mine(dout).float())
-            errs = [tm.rel(got, mine(ref))]
-            errs += [tm.rel(t.grad, mine(r.grad)) for t, r in zip(local, ref_in)]
-            out[f"cp{cp}-{comm}-{name}"] = errs
-    return out
+    def mine(x, dim=2):
+        return shard_sequence(x, dim, rank, cp, layout)
+    local = [mine(t).float().requires_grad_() for t in (q, k, v)]
+    # the active config, set as a user does; the module gets it explicitly (padded
+    # cases: the dict of neuronx_distributed_config) or reads it (config=None)
+    cfg = tm.configure(comm, layout)
+    attn = ContextParallelAttention(cfg, **kw) if padded else ContextParallelAttention(**kw)
+    # 0/1 integer mask, as Hugging Face batches carry it
+    got = attn(*local, key_padding_mask=mine(keep, 1).long() if padded else None)
+    got.backward(mine(dout).float())
+    errs = [tm.rel(got, mine(ref))]
+    errs += [tm.rel(t.grad, mine(r.grad)) for t, r in zip(local, ref_in)]
+    return errs
+
+
+def register_gated_mlp():
+    """Replace LlamaMLP by GatedMLP through register_module (once; transform then uses it)."""
+    import transformers as tf
+
+    from nxd_cp.nn import register_module, registered_modules
+
+    if tf.models.llama.modeling_llama.LlamaMLP not in registered_modules():
+        register_module(tf.models.llama.modeling_llama.LlamaMLP, GatedMLP,
+                        init_hook=lambda m: ((m.hidden_size, m.intermediate_size, m.act_fn), {}),
+                        forward_hook=lambda x: ((), {"hidden_states": x}),
+                        return_hook=lambda out: out[0])
 
 
 def registered_mlp_model():
     """A Llama whose MLPs are replaced through register_module while transform runs."""
-    import transformers as tf
     from nxd_cp.models import transform
-    from nxd_cp.nn import register_module
 
-    register_module(tf.models.llama.modeling_llama.LlamaMLP, GatedMLP,
-                    init_hook=lambda m: ((m.hidden_size, m.intermediate_size, m.act_fn), {}),
-                    forward_hook=lambda x: ((), {"hidden_states": x}),
-                    return_hook=lambda out: out[0])
+    register_gated_mlp()
     model = transform(tm.make_model("llama"))
     return sum(isinstance(m, GatedMLP) for m in model.modules())
+
+
+def registered_mlp_training():
+    register_gated_mlp()
+    return tm.run_case("llama", "p2p")
 
 
 def windows_and_control():
@@ -160,6 +176,7 @@ def windows_and_control():
     logits: a CP model ignoring Qwen2's per-layer window would fail the parity check."""
     import torch.distributed as dist
     import transformers as tf
+
     from nxd_cp.models import transform
 
     out = {a: transform(tm.make_model(a)).nxd_cp_config["window_size"] for a in QWEN}
@@ -182,59 +199,79 @@ def run_example(argv):
     return example.main(argv)
 
 
-def four_rank_world(rank, world):
+PLANS = ((2, 2), (1, 4))
+TRAINING_KEYS = [f"tp{tp}cp{cp}-{arch}-{comm}" for tp, cp in PLANS for arch in QWEN
+                 for comm in COMMS] + [
+    "tp2cp2-qwen3_kv1-all_gather", "tp2cp2-qwen3-p2p-meta", "tp2cp2-llama-p2p-registered_mlp"]
+ATTENTION_KEYS = [f"cp{cp}-{comm}-{name}" for tp, cp in PLANS for comm in COMMS
+                  for name in ATTENTION_CASES]
+EXAMPLE_KEYS = [f"example-tp{tp}cp{cp}" for tp, cp in PLANS]
+
+
+def four_rank_world(rank, world, wanted=None):
     from nxd_cp import parallel_state as ps
     from nxd_cp.nn import registered_modules, unregister_module
 
-    results = {}
-    for tp, cp in ((2, 2), (1, 4)):
+    runner = CaseRunner(wanted)
+    for tp, cp in PLANS:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
         for arch in QWEN:
             for comm in COMMS:
-                results[f"tp{tp}cp{cp}-{arch}-{comm}"] = tm.run_case(arch, comm)
-        results.update(attention_errors())
+                runner.run(f"tp{tp}cp{cp}-{arch}-{comm}", tm.run_case, arch, comm)
+        for comm in COMMS:
+            for name in ATTENTION_CASES:
+                runner.run(f"cp{cp}-{comm}-{name}", attention_errors, comm, name)
         if (tp, cp) == (2, 2):
-            results["round_trip"] = {a: tm.round_trip(a) for a in QWEN}
-            results["windows"] = windows_and_control()
-            results["registered_mlps"] = registered_mlp_model()
+            for a in QWEN:
+                runner.run(f"round_trip-{a}", tm.round_trip, a)
+            runner.run("windows", windows_and_control)
+            runner.run("registered_mlps", registered_mlp_model)
             # k_norm on a KV head replicated over both TP ranks; a meta-device Qwen3
-            results["tp2cp2-qwen3_kv1-all_gather"] = tm.run_case("qwen3_kv1", "all_gather")
-            results["tp2cp2-qwen3-p2p-meta"] = tm.run_case("qwen3", "p2p", meta=True)
-            results["tp2cp2-llama-p2p-registered_mlp"] = tm.run_case("llama", "p2p")
+            runner.run("tp2cp2-qwen3_kv1-all_gather", tm.run_case, "qwen3_kv1", "all_gather")
+            runner.run("tp2cp2-qwen3-p2p-meta", tm.run_case, "qwen3", "p2p", meta=True)
+            runner.run("tp2cp2-llama-p2p-registered_mlp", registered_mlp_training)
             for cls in list(registered_modules()):
                 unregister_module(cls)
         example_args = ["--tensor_parallel_size", str(tp), "--context_parallel_size", str(cp),
                         "--steps", "4", "--seq_len", "128", "--check",
                         "--cp_comm_type", "p2p" if tp == 2 else "all_gather"]
-        results[f"example-tp{tp}cp{cp}"] = run_example(example_args)
+        runner.run(f"example-tp{tp}cp{cp}", run_example, example_args)
         ps.destroy_model_parallel()
-    return results
+    return runner.results
 
 
 # ---------------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def four():
-    return run_ranks(four_rank_world, 4, timeout=400)
+def four(request):
+    return run_ranks(four_rank_world, 4, wanted_cases(request, "four"), timeout=400)
 
 
-def test_qwen_training_matches_unmodified_transformers(four):
+def test_case_lists():
+    assert len(TRAINING_KEYS) == len(set(TRAINING_KEYS)) == 11
+    # cp 2 and 4, two comm types, three cases
+    assert len(ATTENTION_KEYS) == len(set(ATTENTION_KEYS)) == 2 * 2 * 3
+
+
+@pytest.mark.parametrize("case", TRAINING_KEYS)
+def test_qwen_training_matches_unmodified_transformers(four, case):
     """Qwen2 / Qwen3 at TP2xCP2 and TP1xCP4, p2p and all_gather; Qwen3 with 1 KV head
     (replicated k/v and k_norm at TP2) and from the meta device; a Llama whose MLPs are
     replaced through register_module. Loss, every gradient, 3 AdamW steps (test_models'
     tolerances: fp32 loss 1e-5, gradients and parameters 1e-4)."""
-    report = {}
-    fails = tm._check_training(four, report)
-    tm._print_report(report)
-    assert len(tm._cases(four)) == 11
-    assert not fails, "\n".join(fails)
+    tm.assert_training_case(four, case)
 
 
-def test_qwen_round_trip_and_per_layer_windows(four):
-    for arch, res in four[0]["round_trip"].items():
-        assert res == {"state_dict_bit_exact": True, "logits_identical": True}, arch
-    w = four[0]["windows"]
+@pytest.mark.parametrize("case", [f"round_trip-{a}" for a in QWEN])
+def test_qwen_round_trip(four, case):
+    res = case_result(four, case)[0]
+    assert res == {"state_dict_bit_exact": True, "logits_identical": True}, case
+
+
+@pytest.mark.parametrize("case", ["windows"])
+def test_qwen_per_layer_windows(four, case):
+    w = case_result(four, case)[0]
     print(w)
     assert w["qwen2"] == (None, 48) and w["qwen3"] == (40, None), w
     # negative control: Qwen2's one sliding layer changes the logits by far more than the
@@ -242,29 +279,30 @@ def test_qwen_round_trip_and_per_layer_windows(four):
     assert w["window_changes_logits"] > 1e-3, w
 
 
-def test_registered_module_replaced_inside_transform(four):
-    assert four[0]["registered_mlps"] == 2  # both LlamaMLPs, on every rank
-    assert all(r["registered_mlps"] == 2 for r in four)
+@pytest.mark.parametrize("case", ["registered_mlps"])
+def test_registered_module_replaced_inside_transform(four, case):
+    per_rank = case_result(four, case)
+    assert per_rank[0] == 2  # both LlamaMLPs, on every rank
+    assert all(r == 2 for r in per_rank)
 
 
-def test_context_parallel_attention_matches_float64_sdpa(four):
-    errs = {k: v for k, v in four[0].items() if k.startswith("cp")}
-    assert len(errs) == 2 * 2 * 3, sorted(errs)  # cp 2 and 4, two comm types, three cases
-    for key in errs:
-        for rank, r in enumerate(four):
-            out_err, *grad_errs = r[key]
-            # fp32 against float64: blockwise softmax merge in fp32 (measured ~1e-7)
-            assert out_err <= 1e-5, f"{key} rank {rank}: output rel err {out_err:.1e}"
-            assert max(grad_errs) <= 1e-4, f"{key} rank {rank}: dq/dk/dv rel err {grad_errs}"
-    print({k: f"{max(v):.1e}" for k, v in errs.items()})
+@pytest.mark.parametrize("case", ATTENTION_KEYS)
+def test_context_parallel_attention_matches_float64_sdpa(four, case):
+    for rank, errs in enumerate(case_result(four, case)):
+        out_err, *grad_errs = errs
+        # fp32 against float64: blockwise softmax merge in fp32 (measured ~1e-7)
+        assert out_err <= 1e-5, f"{case} rank {rank}: output rel err {out_err:.1e}"
+        assert max(grad_errs) <= 1e-4, f"{case} rank {rank}: dq/dk/dv rel err {grad_errs}"
+    print(case, f"{max(case_result(four, case)[0]):.1e}")
 
 
-def test_custom_gpt_example_parity(four):
-    for key in ("example-tp2cp2", "example-tp1cp4"):
-        s = four[0][key]
-        print(key, {k: s[k] for k in ("loss_rel_err", "grad_rel_err", "param_rel_err")})
-        # the example's own fp32 bounds (it prints FAIL and exits 1 above them)
-        assert s["loss_rel_err"] <= 1e-5 and s["grad_rel_err"] <= 1e-4, s
-        assert s["param_rel_err"] <= 1e-4, s
-        assert s["last_loss"] < s["first_loss"], s  # it trains
-        assert all(r[key]["losses"] == s["losses"] for r in four)  # the same loss on all ranks
+@pytest.mark.parametrize("case", EXAMPLE_KEYS)
+def test_custom_gpt_example_parity(four, case):
+    per_rank = case_result(four, case)
+    s = per_rank[0]
+    print(case, {k: s[k] for k in ("loss_rel_err", "grad_rel_err", "param_rel_err")})
+    # the example's own fp32 bounds (it prints FAIL and exits 1 above them)
+    assert s["loss_rel_err"] <= 1e-5 and s["grad_rel_err"] <= 1e-4, s
+    assert s["param_rel_err"] <= 1e-4, s
+    assert s["last_loss"] < s["first_loss"], s  # it trains
+    assert all(r["losses"] == s["losses"] for r in per_rank)  # the same loss on all ranks

@@ -27,14 +27,10 @@ def test_shift_labels():
 
 @pytest.mark.parametrize("load_balance", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("cp", [1, 2, 4])
-def test_shards_reassemble_to_the_shifted_batch(cp, load_balance, monkeypatch):
-    from nxd_cp import parallel_state as ps
-    from nxd_cp.testing import activate_config
-
-    monkeypatch.setattr(ps, "_CONFIG", None)  # restored after the test
-    activate_config(load_balance=load_balance)  # the layout comes from the active config
+def test_shards_reassemble_to_the_shifted_batch(cp, load_balance):
     full = _batch()
-    shards = [get_batch(full, cp_rank=r, cp_size=cp) for r in range(cp)]
+    config = {"load_balance": load_balance}  # explicit: no active config is read
+    shards = [get_batch(full, cp_rank=r, cp_size=cp, config=config) for r in range(cp)]
     for key, want in (("input_ids", full["input_ids"]), ("attention_mask", full["attention_mask"]),
                       ("labels", shift_labels(full["labels"])),
                       ("position_ids", torch.arange(S).expand(B, S))):

@@ -13,12 +13,18 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nxd_cp.attention import dispatch as kernels
-from nxd_cp.attention.dispatch import (block_attention_backward, block_attention_forward,
-                                       local_attention, register_kernel)
+from nxd_cp.attention.dispatch import (
+    block_attention_backward,
+    block_attention_forward,
+    local_attention,
+    register_kernel,
+)
+from nxd_cp.attention.documents import DocumentMask
 from nxd_cp.attention.fused import CpuFlashKernel, CudaSdpaKernel
 from nxd_cp.attention.kernels import EMPTY_LSE, TorchBlockKernel
-from nxd_cp.attention.schedule import BlockMask
 from nxd_cp.attention.merge import merge_partial
+from nxd_cp.attention.schedule import BlockMask
+from nxd_cp.attention.tile_loop import TileLoopKernel, tile_rows
 
 NEG_INF = float("-inf")
 
@@ -235,15 +241,14 @@ def test_merge_partial_empty_and_masked_rows():
 
 
 @pytest.mark.parametrize("force_torch", [False, True])
-def test_local_attention_autograd(monkeypatch, force_torch):
-    if force_torch:
-        monkeypatch.setenv("NXD_CP_KERNEL", "torch")
+def test_local_attention_autograd(force_torch):
     gen = torch.Generator().manual_seed(4)
     q, k, v = (x.requires_grad_() for x in make_qkv(gen, hq=8, hkv=1, sq=96, sk=96, d=80))
     mask = BlockMask(50, 50, window=30)
     dout = rand(q.shape, gen)
-    out = local_attention(q, k, v, mask=mask)
-    out.backward(dout)
+    with kernels.reference_kernel_only(force_torch):
+        out = local_attention(q, k, v, mask=mask)
+        out.backward(dout)
     ref_out, _, *ref_grads = reference(q, k, v, visibility(96, 96, mask), 80 ** -0.5, dout)
     assert out.dtype == q.dtype
     assert rel_err(out.detach(), ref_out) <= 1e-5  # fp32 vs float64 rounding
@@ -264,25 +269,37 @@ class SpyKernel(TorchBlockKernel):
         return super().forward(*args, **kwargs)
 
 
-@pytest.mark.parametrize("env,supported,expect_calls", [
-    (None, True, 1), ("torch", True, 0), (None, False, 0)])
-def test_dispatch_registry_and_env(monkeypatch, env, supported, expect_calls):
-    if env is None:
-        monkeypatch.delenv("NXD_CP_KERNEL", raising=False)
-    else:
-        monkeypatch.setenv("NXD_CP_KERNEL", env)
+@pytest.mark.parametrize("reference_only,supported,expect_calls", [
+    (False, True, 1), (True, True, 0), (False, False, 0)])
+def test_dispatch_registry_and_reference_switch(reference_only, supported, expect_calls):
     spy = SpyKernel(supported)
     previous = register_kernel("cpu", spy)
+    initial = kernels.use_reference_kernel(False)
+    kernels.use_reference_kernel(initial)
     try:
         gen = torch.Generator().manual_seed(6)
         q, k, v = make_qkv(gen, sq=16, sk=16, d=8)
-        block_attention_forward(q, k, v, scale=0.3)
-        expected_default = spy if env is None else kernels.REFERENCE_KERNEL
-        assert kernels.get_kernel("cpu") is expected_default
+        with kernels.reference_kernel_only(reference_only):
+            block_attention_forward(q, k, v, scale=0.3)
+            expected_default = kernels.REFERENCE_KERNEL if reference_only else spy
+            assert kernels.get_kernel("cpu") is expected_default
         assert spy.calls == expect_calls
+        assert kernels.use_reference_kernel(initial) is initial  # restored after the block
     finally:
         register_kernel("cpu", previous)
     assert isinstance(kernels.get_kernel("cpu"), (CpuFlashKernel, TorchBlockKernel))
+
+
+def test_kernel_environment_variable_read_at_import(monkeypatch):
+    """NXD_CP_KERNEL sets the initial switch (read once, when dispatch is imported)."""
+    for value, expected in (("torch", True), ("auto", False)):
+        monkeypatch.setenv(kernels.KERNEL_ENV, value)
+        assert kernels._reference_from_env() is expected
+    monkeypatch.delenv(kernels.KERNEL_ENV)
+    assert kernels._reference_from_env() is False
+    monkeypatch.setenv(kernels.KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="NXD_CP_KERNEL='fast' must be 'auto' or 'torch'"):
+        kernels._reference_from_env()
 
 
 def test_bad_arguments_raise():
@@ -343,8 +360,6 @@ def test_tile_loop_kernel_on_xla_matches_sdpa():
     device-data ``q_start``, fully padded rows and packed documents, vs float64 SDPA."""
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     torch_xla = pytest.importorskip("torch_xla")
-    from nxd_cp.attention.documents import DocumentMask
-    from nxd_cp.attention.tile_loop import TileLoopKernel, tile_rows
     assert tile_rows(200, 333, 48) == 5 and tile_rows(4096, 4096, 2048) == 1024
     assert tile_rows(7, 10**6, 2) == 1  # at least one row
     dev = torch_xla.device()

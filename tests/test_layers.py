@@ -6,6 +6,7 @@ gradient and the rank's shard of the weight gradient. The loss is checked over t
 {0,2},{1,3} against F.cross_entropy on the full sequence, with unequal token counts per rank.
 The column layer, embedding, vocab-parallel cross entropy and loss run a second time with the
 ranks as device data (``NXD_CP_RANK_AS_TENSOR=1``: the form XLA lowers, one graph per TP group).
+Each check is its own test (tests/cases.py).
 
 Tolerances: layer outputs and gradients are fp32 sums of at most 16 terms split over 2 ranks,
 so they agree to rounding (atol 1e-6 on values of order 1). Losses: relative 1e-6 (a mean of
@@ -16,8 +17,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import CaseRunner, case_result, wanted_cases
 
-from nxd_cp.comm.base import RANK_AS_TENSOR_ENV
+from nxd_cp.parallel_state import RANK_AS_TENSOR_ENV
 from nxd_cp.testing import run_ranks
 
 IN, OUT, VOCAB, HID = 16, 8, 12, 6
@@ -34,8 +36,8 @@ def _close(a, b, atol=1e-6):
 
 def _column(fails):
     from nxd_cp import parallel_state as ps
-    from nxd_cp.tensor_parallel.layers import ColumnParallelLinear
-    from nxd_cp.models.common import partition_of, shard_of
+    from nxd_cp.layers import ColumnParallelLinear
+    from nxd_cp.tensor_parallel.partition import partition_of, shard_of
 
     tp, r = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
     for gather in (False, True):
@@ -73,7 +75,7 @@ def _column(fails):
 
 def _row(fails):
     from nxd_cp import parallel_state as ps
-    from nxd_cp.tensor_parallel.layers import RowParallelLinear
+    from nxd_cp.layers import RowParallelLinear
 
     tp, r = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
     for parallel_in in (True, False):
@@ -108,7 +110,7 @@ def _row(fails):
 
 def _embedding(fails):
     from nxd_cp import parallel_state as ps
-    from nxd_cp.tensor_parallel.layers import ParallelEmbedding
+    from nxd_cp.layers import ParallelEmbedding
 
     tp, r = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
     ids = torch.tensor([[0, 3, 11, 6, 3], [5, 7, 2, 9, 6]])  # both vocab halves, padding id 3
@@ -134,7 +136,7 @@ def _replicated_kv(fails):
     """TP2. 1 KV head: both ranks hold it, each back-propagates its own query heads' part and
     the replicas' sums meet; 2 KV heads: one each (a slot per rank, nothing to sum)."""
     from nxd_cp import parallel_state as ps
-    from nxd_cp.tensor_parallel.layers import ReplicatedKVLinear
+    from nxd_cp.layers import ReplicatedKVLinear
 
     r, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_size()
     for kv_heads in (1, 2):
@@ -161,7 +163,7 @@ def _replicated_kv(fails):
 
 def _vocab_parallel_ce(fails):
     from nxd_cp import parallel_state as ps
-    from nxd_cp.tensor_parallel.layers import parallel_cross_entropy
+    from nxd_cp.layers import parallel_cross_entropy
 
     tp, r = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
     logits = (_same(20, 7, VOCAB) * 3).requires_grad_()
@@ -178,7 +180,7 @@ def _vocab_parallel_ce(fails):
 
 
 def _errors(fails):
-    from nxd_cp.tensor_parallel.layers import ColumnParallelLinear, ParallelEmbedding
+    from nxd_cp.layers import ColumnParallelLinear, ParallelEmbedding
 
     # SP of the linear layers: tests/test_sequence_parallel.py; the embedding has none.
     for make in (lambda: ParallelEmbedding(VOCAB, HID, sequence_parallel_enabled=True),):
@@ -201,8 +203,8 @@ def _cp_loss():
     from nxd_cp import parallel_state as ps
     from nxd_cp.comm import get_transport
     from nxd_cp.sequence.batch import shift_labels
-    from nxd_cp.training.loss import context_parallel_cross_entropy
     from nxd_cp.sequence.layout import shard_sequence
+    from nxd_cp.training.loss import context_parallel_cross_entropy
 
     cp, c = ps.get_context_model_parallel_size(), ps.get_context_model_parallel_rank()
     tp, t = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
@@ -240,8 +242,10 @@ def _cp_loss():
 
 def _grads():
     from nxd_cp import parallel_state as ps
-    from nxd_cp.training.grads import (allreduce_context_parallel_gradients,
-                              allreduce_data_context_parallel_gradients)
+    from nxd_cp.training.grads import (
+        allreduce_context_parallel_gradients,
+        allreduce_data_context_parallel_gradients,
+    )
 
     cp_ranks = ps.get_context_model_parallel_group(as_list=True)
     me = torch.distributed.get_rank()
@@ -263,52 +267,81 @@ def _grads():
     return ok
 
 
-def tp2cp2(rank, world):
-    from nxd_cp import parallel_state as ps
-    from nxd_cp.tensor_parallel.layers import USING_NXD
+CHECKS = ("column", "row", "embedding", "replicated_kv", "vocab_parallel_ce", "errors")
+# Again with the ranks as device data (XLA's form: one graph for every TP rank) on gloo.
+TENSOR_CHECKS = ("column", "embedding", "replicated_kv", "vocab_parallel_ce")
+LAYER_KEYS = list(CHECKS) + [f"{c}-rank_as_tensor" for c in TENSOR_CHECKS]
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
+
+def _fails_of(check):
     fails = []
-    for check in (_column, _row, _embedding, _replicated_kv, _vocab_parallel_ce, _errors):
-        check(fails)
-    out = {"fails": fails, "using_nxd": USING_NXD, "loss": _cp_loss(), "grads": _grads()}
-    # Again with the ranks as device data (XLA's form: one graph for every TP rank) on gloo.
+    check(fails)
+    return fails
+
+
+def tp2cp2(rank, world, wanted=None):
+    from nxd_cp import parallel_state as ps
+
+    checks = {"column": _column, "row": _row, "embedding": _embedding,
+              "replicated_kv": _replicated_kv, "vocab_parallel_ce": _vocab_parallel_ce,
+              "errors": _errors}
+    runner = CaseRunner(wanted)
+    ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
+    for name in CHECKS:
+        runner.run(name, _fails_of, checks[name])
+    runner.run("using_nxd", ps.nxd_in_charge)
+    runner.run("loss", _cp_loss)
+    runner.run("grads", _grads)
+    # Again with the ranks as device data (XLA's form: one graph for every TP rank) on gloo:
+    # read when the groups are built.
+    ps.destroy_model_parallel()
     os.environ[RANK_AS_TENSOR_ENV] = "1"
-    tensor_fails = []
-    for check in (_column, _embedding, _replicated_kv, _vocab_parallel_ce):
-        check(tensor_fails)
-    fails += [f"{f} (rank as tensor)" for f in tensor_fails]
-    out["loss_rank_as_tensor"] = _cp_loss()
+    ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
+    assert ps.get_group_spec("tensor").rank_as_tensor
+    for name in TENSOR_CHECKS:
+        runner.run(f"{name}-rank_as_tensor", _fails_of, checks[name])
+    runner.run("loss-rank_as_tensor", _cp_loss)
     del os.environ[RANK_AS_TENSOR_ENV]
-    return out
+    return runner.results
 
 
 @pytest.fixture(scope="module")
-def results():
-    return run_ranks(tp2cp2, 4, timeout=180)
+def results(request):
+    return run_ranks(tp2cp2, 4, wanted_cases(request, "results"), timeout=180)
 
 
-def test_fallback_layers_match_torch(results):
-    for rank, r in enumerate(results):
-        assert not r["using_nxd"]
-        assert not r["fails"], f"rank {rank}: {r['fails']}"
+@pytest.mark.parametrize("case", ["using_nxd"])
+def test_fallback_in_charge(results, case):
+    for rank, using_nxd in enumerate(case_result(results, case)):
+        assert not using_nxd, rank
 
 
-def test_context_parallel_cross_entropy_is_token_weighted(results):
-    for rank, r in enumerate(results):
-        for form in ("loss", "loss_rank_as_tensor"):  # Python-int ranks, device-data ranks
-            loss = r[form]
-            for vp in (False, True):
-                # A mean of 20 fp32 terms summed in another order: 1e-6 relative.
-                assert abs(loss[f"loss vp={vp}"] - loss["ref"]) <= 1e-6 * abs(loss["ref"]), \
-                    (rank, form)
-                assert loss[f"grad ok vp={vp}"], f"rank {rank} {form}: logits gradient, vp={vp}"
+@pytest.mark.parametrize("case", LAYER_KEYS)
+def test_fallback_layers_match_torch(results, case):
+    for rank, fails in enumerate(case_result(results, case)):
+        assert not fails, f"rank {rank}: {fails}"
+
+
+@pytest.mark.parametrize("case", ["loss", "loss-rank_as_tensor"])  # Python-int / device ranks
+def test_context_parallel_cross_entropy_is_token_weighted(results, case):
+    per_rank = case_result(results, case)
+    for rank, loss in enumerate(per_rank):
+        for vp in (False, True):
+            # A mean of 20 fp32 terms summed in another order: 1e-6 relative.
+            assert abs(loss[f"loss vp={vp}"] - loss["ref"]) <= 1e-6 * abs(loss["ref"]), \
+                (rank, case)
+            assert loss[f"grad ok vp={vp}"], f"rank {rank} {case}: logits gradient, vp={vp}"
+
+
+@pytest.mark.parametrize("case", ["loss"])
+def test_token_weighting_is_not_nxds_mean_of_means(results, case):
     # The data has unequal token counts per CP rank, so NxD's mean of per-rank means is a
     # different number: the token weighting is what makes the loss above match.
-    nxd = results[0]["loss"]["nxd_style"]
-    assert abs(nxd - results[0]["loss"]["ref"]) > 1e-2 * abs(results[0]["loss"]["ref"])
+    loss = case_result(results, case)[0]
+    assert abs(loss["nxd_style"] - loss["ref"]) > 1e-2 * abs(loss["ref"])
 
 
-def test_gradient_reduction_sums_over_cp(results):
-    for rank, r in enumerate(results):
-        assert all(r["grads"]), f"rank {rank}: {r['grads']}"
+@pytest.mark.parametrize("case", ["grads"])
+def test_gradient_reduction_sums_over_cp(results, case):
+    for rank, ok in enumerate(case_result(results, case)):
+        assert all(ok), f"rank {rank}: {ok}"

@@ -6,7 +6,8 @@ gets ``get_batch_on_this_context_parallel_rank`` of its DP rank's batch, its gra
 with ``allreduce_data_context_parallel_gradients``, three AdamW steps on both.
 
 Two spawns (imports dominate on 2 cores): one 4-rank world that runs TP2xCP2, TP1xCP4 and TP4xCP1
-one after the other (parallel state rebuilt in between), and one 8-rank world TP2xCP2xDP2.
+one after the other (parallel state rebuilt in between), and one 8-rank world TP2xCP2xDP2; each
+case is its own test (tests/cases.py: ``-k tp2cp2-llama-p2p`` runs that case alone).
 
 Tiny models: hidden 64, 2 layers, 4 heads, vocab 256, sequence 256, batch 2.
 - Llama: GQA (2 KV heads: split at TP2, replicated at TP4), rope_scaling llama3, pad_token_id 0.
@@ -17,6 +18,7 @@ import tempfile
 
 import pytest
 import torch
+from cases import CaseRunner, case_result, wanted_cases
 
 from nxd_cp.testing import run_ranks
 
@@ -103,11 +105,14 @@ def rel(a, b):
 def run_case(arch, comm, padded=False, ckpt=False, vocab_parallel=False, meta=False, sp=False):
     """Train the transformed model and (on rank 0) the reference; return errors."""
     import torch.distributed as dist
+
     from nxd_cp import parallel_state as ps
-    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
-    from nxd_cp.training.grads import allreduce_data_context_parallel_gradients
     from nxd_cp.models import full_gradients, full_state_dict, transform
-    from nxd_cp.tensor_parallel.sequence_parallel import allreduce_sequence_parallel_gradients
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
+    from nxd_cp.training.grads import (
+        allreduce_data_context_parallel_gradients,
+        allreduce_sequence_parallel_gradients,
+    )
 
     rank0 = dist.get_rank() == 0
     dp, dp_rank = ps.get_data_parallel_size(), ps.get_data_parallel_rank()
@@ -159,6 +164,7 @@ def run_case(arch, comm, padded=False, ckpt=False, vocab_parallel=False, meta=Fa
 def round_trip(arch):
     """transform -> full_state_dict -> save_pretrained -> unmodified from_pretrained."""
     import torch.distributed as dist
+
     from nxd_cp.models import full_state_dict, transform
 
     model = transform(make_model(arch), configure("p2p"))
@@ -184,8 +190,9 @@ def round_trip(arch):
 def bad_inputs():
     """Messages of the errors a TP2 x CP2 rank raises for inputs that cannot work."""
     import transformers as tf
-    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
+
     from nxd_cp.models import transform
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
 
     def message(fn):
         try:
@@ -212,87 +219,102 @@ def bad_inputs():
     return out
 
 
-def four_rank_world(rank, world):
+# One 4-rank world: (tp, cp) -> cases (arch, comm, run_case options), in this order.
+FOUR_PLANS = {
+    (2, 2): [(a, c, {}) for a in ARCHS for c in ("p2p", "all_gather")] + [
+        ("llama", "p2p", {"padded": True}), ("mistral", "all_gather", {"padded": True}),
+        ("gpt_neox", "p2p", {"padded": True}), ("llama", "all_gather", {"ckpt": True}),
+        ("mistral", "p2p", {"ckpt": True}), ("gpt_neox", "all_gather", {"ckpt": True}),
+        ("llama", "p2p", {"vocab_parallel": True}), ("mistral", "p2p", {"meta": True})],
+    (1, 4): [(a, c, {}) for a in ARCHS for c in ("p2p", "all_gather")] + [
+        ("mistral", "p2p", {"padded": True, "ckpt": True})],
+    (4, 1): [(a, "p2p", {}) for a in ARCHS] + [("llama", "p2p", {"ckpt": True})],
+}
+# One 8-rank world, TP2 x CP2 x DP2.
+EIGHT_CASES = [("llama", "p2p", {}), ("mistral", "all_gather", {}),
+               ("gpt_neox", "p2p", {"padded": True})]
+
+
+def case_key(tp, cp, arch, comm, opts, dp=1):
+    return f"tp{tp}cp{cp}" + (f"dp{dp}" if dp > 1 else "") + f"-{arch}-{comm}" + "".join(
+        f"-{k}" for k in sorted(opts))
+
+
+FOUR_KEYS = [case_key(tp, cp, a, c, o) for (tp, cp), cases in FOUR_PLANS.items()
+             for a, c, o in cases]
+EIGHT_KEYS = [case_key(2, 2, a, c, o, dp=2) for a, c, o in EIGHT_CASES]
+ROUND_TRIP_KEYS = [f"round_trip-{a}" for a in ARCHS]
+
+
+def four_rank_world(rank, world, wanted=None):
     from nxd_cp import parallel_state as ps
 
-    results = {}
-    plans = {
-        (2, 2): [(a, c, {}) for a in ARCHS for c in ("p2p", "all_gather")] + [
-            ("llama", "p2p", {"padded": True}), ("mistral", "all_gather", {"padded": True}),
-            ("gpt_neox", "p2p", {"padded": True}), ("llama", "all_gather", {"ckpt": True}),
-            ("mistral", "p2p", {"ckpt": True}), ("gpt_neox", "all_gather", {"ckpt": True}),
-            ("llama", "p2p", {"vocab_parallel": True}), ("mistral", "p2p", {"meta": True})],
-        (1, 4): [(a, c, {}) for a in ARCHS for c in ("p2p", "all_gather")] + [
-            ("mistral", "p2p", {"padded": True, "ckpt": True})],
-        (4, 1): [(a, "p2p", {}) for a in ARCHS] + [("llama", "p2p", {"ckpt": True})],
-    }
-    for (tp, cp), cases in plans.items():
+    runner = CaseRunner(wanted)
+    for (tp, cp), cases in FOUR_PLANS.items():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
         for arch, comm, opts in cases:
-            key = f"tp{tp}cp{cp}-{arch}-{comm}" + "".join(f"-{k}" for k in sorted(opts))
-            results[key] = run_case(arch, comm, **opts)
+            runner.run(case_key(tp, cp, arch, comm, opts), run_case, arch, comm, **opts)
         if (tp, cp) == (2, 2):
-            results["round_trip"] = {a: round_trip(a) for a in ARCHS}
-            results["bad_inputs"] = bad_inputs()
+            for a in ARCHS:
+                runner.run(f"round_trip-{a}", round_trip, a)
+            runner.run("bad_inputs", bad_inputs)
         ps.destroy_model_parallel()
-    return results
+    return runner.results
 
 
-def eight_rank_world(rank, world):
+def eight_rank_world(rank, world, wanted=None):
     from nxd_cp import parallel_state as ps
 
+    runner = CaseRunner(wanted)
     ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
-    cases = [("llama", "p2p", {}), ("mistral", "all_gather", {}),
-             ("gpt_neox", "p2p", {"padded": True})]
-    return {f"tp2cp2dp2-{a}-{c}" + "".join(f"-{k}" for k in sorted(o)): run_case(a, c, **o)
-            for a, c, o in cases}
+    for a, c, o in EIGHT_CASES:
+        runner.run(case_key(2, 2, a, c, o, dp=2), run_case, a, c, **o)
+    return runner.results
 
 
 # ---------------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def four():
-    return run_ranks(four_rank_world, 4, timeout=400)
+def four(request):
+    return run_ranks(four_rank_world, 4, wanted_cases(request, "four"), timeout=400)
 
 
 @pytest.fixture(scope="module")
-def eight():
-    return run_ranks(eight_rank_world, 8, timeout=400)
+def eight(request):
+    return run_ranks(eight_rank_world, 8, wanted_cases(request, "eight"), timeout=400)
 
 
-def _cases(results):
-    return {k: v for k, v in results[0].items() if k.startswith("tp")}
-
-
-def _check_training(results, report):
+def check_case(results, key, report):
+    """Failures of training case ``key`` (``results``: every rank's value of that case), and
+    its figures into ``report``."""
     fails = []
-    for key, res0 in _cases(results).items():
-        # fp32 throughout; the CP model only reorders sums (blockwise softmax merge, all-reduces
-        # over CP/TP), which moves a loss of ~5.5 by ~1e-7 relative: 1e-5 leaves 100x headroom.
-        for rank, r in enumerate(results):
-            got, want = r[key]["loss"][0], res0["ref_loss"][0][r[key]["dp_rank"]]
-            err = abs(got - want) / abs(want)
-            if err > 1e-5:
-                fails.append(f"{key} rank {rank}: loss {got} vs {want} (rel {err:.2e})")
-        assert not res0["grad_none"], f"{key}: parameters without gradient {res0['grad_none']}"
-        grad_err = max(res0["grad_err"].values())
-        # Gradients go through more reordered sums (ring backward, reduce over CP and TP);
-        # norm-wise relative error per parameter, 1e-4 as the issue asks (measured ~1e-6).
-        if grad_err > 1e-4:
-            worst = max(res0["grad_err"], key=res0["grad_err"].get)
-            fails.append(f"{key}: gradient of {worst} rel err {grad_err:.2e}")
-        assert res0["param_keys_equal"], f"{key}: full_state_dict keys differ from HF's"
-        param_err = max(res0["param_err"].values())
-        # After three AdamW steps (lr 1e-3) from identical weights: the updates differ only
-        # through the ~1e-6 gradient differences; 1e-4 norm-wise as the issue asks.
-        if param_err > 1e-4:
-            worst = max(res0["param_err"], key=res0["param_err"].get)
-            fails.append(f"{key}: parameter {worst} after {STEPS} AdamW steps rel err "
-                         f"{param_err:.2e}")
-        report[key] = (max(abs(r[key]["loss"][0] - res0["ref_loss"][0][r[key]["dp_rank"]])
-                           / res0["ref_loss"][0][r[key]["dp_rank"]] for r in results),
-                       grad_err, param_err)
+    res0 = results[0]
+    # fp32 throughout; the CP model only reorders sums (blockwise softmax merge, all-reduces
+    # over CP/TP), which moves a loss of ~5.5 by ~1e-7 relative: 1e-5 leaves 100x headroom.
+    for rank, r in enumerate(results):
+        got, want = r["loss"][0], res0["ref_loss"][0][r["dp_rank"]]
+        err = abs(got - want) / abs(want)
+        if err > 1e-5:
+            fails.append(f"{key} rank {rank}: loss {got} vs {want} (rel {err:.2e})")
+    assert not res0["grad_none"], f"{key}: parameters without gradient {res0['grad_none']}"
+    grad_err = max(res0["grad_err"].values())
+    # Gradients go through more reordered sums (ring backward, reduce over CP and TP);
+    # norm-wise relative error per parameter, 1e-4 as the issue asks (measured ~1e-6).
+    if grad_err > 1e-4:
+        worst = max(res0["grad_err"], key=res0["grad_err"].get)
+        fails.append(f"{key}: gradient of {worst} rel err {grad_err:.2e}")
+    assert res0["param_keys_equal"], f"{key}: full_state_dict keys differ from HF's"
+    param_err = max(res0["param_err"].values())
+    # After three AdamW steps (lr 1e-3) from identical weights: the updates differ only
+    # through the ~1e-6 gradient differences; 1e-4 norm-wise as the issue asks.
+    if param_err > 1e-4:
+        worst = max(res0["param_err"], key=res0["param_err"].get)
+        fails.append(f"{key}: parameter {worst} after {STEPS} AdamW steps rel err "
+                     f"{param_err:.2e}")
+    report[key] = (max(abs(r["loss"][0] - res0["ref_loss"][0][r["dp_rank"]])
+                       / res0["ref_loss"][0][r["dp_rank"]] for r in results),
+                   grad_err, param_err)
     return fails
 
 
@@ -301,43 +323,53 @@ def _print_report(report):
         print(f"{key:45s} loss {loss:.1e}  grad {grad:.1e}  params {param:.1e}")
 
 
-def test_tp_cp_training_matches_reference(four):
+def assert_training_case(world_results, key):
+    """One training case against the reference: prints its figures, fails naming the case."""
+    report = {}
+    fails = check_case(case_result(world_results, key), key, report)
+    _print_report(report)
+    assert not fails, "\n".join(fails)
+
+
+def test_case_lists():
     """TP2xCP2, TP1xCP4, TP4xCP1; all archs; p2p and all_gather; padded, checkpointed, vocab-
-    parallel logits and meta-device cases: loss, full gradients and 3 AdamW steps."""
-    report = {}
-    fails = _check_training(four, report)
-    _print_report(report)
-    assert len(_cases(four)) == 25
-    assert not fails, "\n".join(fails)
+    parallel logits and meta-device cases (25), and TP2xCP2xDP2 (3): one test each below."""
+    assert len(FOUR_KEYS) == len(set(FOUR_KEYS)) == 25
+    assert len(EIGHT_KEYS) == len(set(EIGHT_KEYS)) == 3
 
 
-def test_loss_identical_on_cp_ranks(four):
+@pytest.mark.parametrize("case", FOUR_KEYS)
+def test_tp_cp_training_matches_reference(four, case):
+    """Loss, full gradients and 3 AdamW steps against the unmodified model."""
+    assert_training_case(four, case)
+
+
+@pytest.mark.parametrize("case", FOUR_KEYS)
+def test_loss_identical_on_cp_ranks(four, case):
     """``model(**batch).loss`` is the global loss: the same on every rank, not a local mean."""
-    for key in _cases(four):
-        losses = {r[key]["loss"][0] for r in four}
-        # Every rank computes sum/count from the same all-reduced numbers (TP ranks too).
-        assert len(losses) == 1, f"{key}: losses differ across ranks {losses}"
+    losses = {r["loss"][0] for r in case_result(four, case)}
+    # Every rank computes sum/count from the same all-reduced numbers (TP ranks too).
+    assert len(losses) == 1, f"{case}: losses differ across ranks {losses}"
 
 
-def test_dp_tp_cp_training_matches_reference(eight):
+@pytest.mark.parametrize("case", EIGHT_KEYS)
+def test_dp_tp_cp_training_matches_reference(eight, case):
     """TP2xCP2xDP2 on 8 ranks, a different batch per DP rank, gradients averaged over DP."""
-    report = {}
-    fails = _check_training(eight, report)
-    _print_report(report)
-    assert len(_cases(eight)) == 3
-    dp_losses = {r["tp2cp2dp2-llama-p2p"]["dp_rank"]: r["tp2cp2dp2-llama-p2p"]["loss"][0]
-                 for r in eight}
+    per_rank = case_result(eight, case)
+    dp_losses = {r["dp_rank"]: r["loss"][0] for r in per_rank}
     assert dp_losses[0] != dp_losses[1], "DP ranks must see different batches"
-    assert not fails, "\n".join(fails)
+    assert_training_case(eight, case)
 
 
-def test_round_trip_to_unmodified_model(four):
-    for arch, res in four[0]["round_trip"].items():
-        assert res == {"state_dict_bit_exact": True, "logits_identical": True}, arch
+@pytest.mark.parametrize("case", ROUND_TRIP_KEYS)
+def test_round_trip_to_unmodified_model(four, case):
+    res = case_result(four, case)[0]
+    assert res == {"state_dict_bit_exact": True, "logits_identical": True}, case
 
 
-def test_bad_inputs_are_clear_errors(four):
-    msgs = four[0]["bad_inputs"]
+@pytest.mark.parametrize("case", ["bad_inputs"])
+def test_bad_inputs_are_clear_errors(four, case):
+    msgs = case_result(four, case)[0]
     assert "num_attention_heads=3 is not divisible by tensor_model_parallel_size=2" in msgs["heads"]
     assert "num_key_value_heads=3 must be divisible by tensor_model_parallel_size=2" in \
         msgs["kv_heads"]
@@ -351,6 +383,7 @@ def test_bad_inputs_are_clear_errors(four):
 
 def test_unsupported_architecture():
     import transformers as tf
+
     from nxd_cp.models import transform
 
     model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))

@@ -11,14 +11,17 @@ each document *separately* (no packing), the documents' mean losses combined tok
 their gradients summed accordingly. (transformers' SDPA on a packed row is not a reference.)
 The CP model gets ``get_batch_on_this_context_parallel_rank`` of the packed batch.
 
-One 4-rank spawn runs TP2xCP2 and TP1xCP4; zigzag, per_document (and contiguous once); p2p and
+One 4-rank spawn runs TP2xCP2 and TP1xCP4 (each case its own test, tests/cases.py); zigzag,
+per_document (and contiguous once); p2p and
 all_gather; Mistral with a sliding window (48) shorter than its documents. Tolerances: loss 1e-5
 relative on every rank, every parameter's gradient 1e-4 norm-wise relative (the fp32 standard).
 """
+import pytest
 import torch
+from cases import CaseRunner, case_result, wanted_cases
+from test_models import make_model, rel
 
 from nxd_cp.testing import run_ranks
-from test_models import make_model, rel
 
 SEQ = 256
 # Document lengths per row; row 1 ends in PAD padding tokens.
@@ -78,10 +81,11 @@ def reference(arch, docs):
 
 def run_case(arch, comm, layout, fmt, docs, ref, drop_documents=False):
     import torch.distributed as dist
-    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
-    from nxd_cp.training.grads import allreduce_context_parallel_gradients
+
     from nxd_cp.models import full_gradients, transform
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
     from nxd_cp.testing import activate_config
+    from nxd_cp.training.grads import allreduce_context_parallel_gradients
 
     model = transform(make_model(arch), activate_config(comm, layout))
     batch = get_batch_on_this_context_parallel_rank(packed_batch(docs, fmt))
@@ -107,44 +111,73 @@ PLANS = {
 }
 
 
-def world(rank, world_size):
-    import torch.distributed as dist
-    from nxd_cp import parallel_state as ps
-
-    docs = documents()
-    refs = {a: reference(a, docs) if dist.get_rank() == 0 else None for a in ("llama", "mistral")}
-    results, n = {}, 0
+def case_keys():
+    """(tp, cp, arch, comm, layout, format, key) of every case, the formats cycled in order."""
+    out, n = [], 0
     for (tp, cp), cases in PLANS.items():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
         for arch, comm, layout in cases:
             fmt = FORMATS[n % len(FORMATS)]
             n += 1
-            results[f"tp{tp}cp{cp}-{arch}-{comm}-{layout}-{fmt}"] = run_case(
-                arch, comm, layout, fmt, docs, refs[arch])
-        if (tp, cp) == (2, 2):
-            results["control"] = run_case("llama", "p2p", "zigzag", "seq_idx", docs,
-                                          refs["llama"], drop_documents=True)
+            key = f"tp{tp}cp{cp}-{arch}-{comm}-{layout}-{fmt}"
+            out.append((tp, cp, arch, comm, layout, fmt, key))
+    return out
+
+
+KEYS = [c[-1] for c in case_keys()]
+
+
+def world(rank, world_size, wanted=None):
+    import torch.distributed as dist
+
+    from nxd_cp import parallel_state as ps
+
+    docs = documents()
+    refs = {}
+
+    def ref(arch):  # rank 0 only, no collectives: computed once per architecture needed
+        if dist.get_rank() == 0 and arch not in refs:
+            refs[arch] = reference(arch, docs)
+        return refs.get(arch)
+
+    runner = CaseRunner(wanted)
+    for (tp, cp) in PLANS:
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+        for tp_, cp_, arch, comm, layout, fmt, key in case_keys():
+            if (tp_, cp_) == (tp, cp) and runner.wants(key):
+                runner.run(key, lambda: run_case(arch, comm, layout, fmt, docs, ref(arch)))
+        if (tp, cp) == (2, 2) and runner.wants("control"):
+            runner.run("control", lambda: run_case("llama", "p2p", "zigzag", "seq_idx", docs,
+                                                   ref("llama"), drop_documents=True))
         ps.destroy_model_parallel()
-    return results
+    return runner.results
 
 
-def test_packed_training_matches_per_document_reference():
-    results = run_ranks(world, 4, timeout=400)
-    report = []
-    for key, res0 in results[0].items():
-        if key == "control":
-            continue
-        assert "seq_idx" in res0["keys"] and "cu_seq_lens_q" not in res0["keys"], res0["keys"]
-        losses = {r[key]["loss"] for r in results}
-        assert len(losses) == 1, (key, losses)  # the global loss on every rank
-        worst = max(res0["grad_err"], key=res0["grad_err"].get)
-        report.append(f"{key:50s} loss {res0['loss_err']:.1e} grad {res0['grad_err'][worst]:.1e}")
-        # fp32; only summation order differs (measured ~1e-7 loss, ~1e-6 gradients)
-        assert res0["loss_err"] <= 1e-5, (key, res0["loss_err"])
-        assert res0["grad_err"][worst] <= 1e-4, (key, worst, res0["grad_err"][worst])
-    print("\n".join(report))
-    assert len(report) == sum(len(c) for c in PLANS.values())
-    # negative control: without seq_idx the same batch attends across documents
-    control = max(results[0]["control"]["grad_err"].values())
+@pytest.fixture(scope="module")
+def results(request):
+    return run_ranks(world, 4, wanted_cases(request, "results"), timeout=400)
+
+
+def test_case_list():
+    assert len(KEYS) == len(set(KEYS)) == sum(len(c) for c in PLANS.values())
+
+
+@pytest.mark.parametrize("case", KEYS)
+def test_packed_training_matches_per_document_reference(results, case):
+    per_rank = case_result(results, case)
+    res0 = per_rank[0]
+    assert "seq_idx" in res0["keys"] and "cu_seq_lens_q" not in res0["keys"], res0["keys"]
+    losses = {r["loss"] for r in per_rank}
+    assert len(losses) == 1, (case, losses)  # the global loss on every rank
+    worst = max(res0["grad_err"], key=res0["grad_err"].get)
+    print(f"{case:50s} loss {res0['loss_err']:.1e} grad {res0['grad_err'][worst]:.1e}")
+    # fp32; only summation order differs (measured ~1e-7 loss, ~1e-6 gradients)
+    assert res0["loss_err"] <= 1e-5, (case, res0["loss_err"])
+    assert res0["grad_err"][worst] <= 1e-4, (case, worst, res0["grad_err"][worst])
+
+
+@pytest.mark.parametrize("case", ["control"])
+def test_without_seq_idx_documents_mix(results, case):
+    """Negative control: without seq_idx the same batch attends across documents."""
+    control = max(case_result(results, case)[0]["grad_err"].values())
     print("without seq_idx: worst gradient error", control)
     assert control > 1e-2, control

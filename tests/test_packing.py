@@ -42,12 +42,11 @@ def test_collator_formats_give_the_same_documents(fmt):
 
 @pytest.mark.parametrize("load_balance", ["zigzag", "contiguous", "per_document"])
 @pytest.mark.parametrize("cp", [1, 2, 4])
-def test_packed_shards_reassemble(cp, load_balance, monkeypatch):
-    monkeypatch.setattr(ps, "_CONFIG", None)  # restored after the test
-    activate_config(load_balance=load_balance)  # the layout comes from the active config
+def test_packed_shards_reassemble(cp, load_balance):
     full = flattened(return_seq_idx=True, return_flash_attn_kwargs=True)
     ids = ids_of(LENGTHS)
-    shards = [get_batch(full, cp_rank=r, cp_size=cp) for r in range(cp)]
+    config = {"load_balance": load_balance}  # explicit: no active config is read
+    shards = [get_batch(full, cp_rank=r, cp_size=cp, config=config) for r in range(cp)]
     want_labels = full["input_ids"].roll(-1, 1)
     want_labels[ids.roll(-1, 1) != ids] = -100  # no token predicts the next document
     want_labels[:, -1] = -100
@@ -112,8 +111,8 @@ def _full(**extra):
     return {"input_ids": ids, "labels": ids.clone(), **extra}
 
 
-def test_data_errors(monkeypatch):
-    monkeypatch.setattr(ps, "_CONFIG", None)  # restored after the test
+def test_data_errors():
+    ps.destroy_model_parallel()  # public reset: no groups, no active config (the defaults)
     with pytest.raises(ValueError, match=r"seq_idx must be non-decreasing along each row .* "
                        r"row 0 goes from 1 at token 7 to 0 at token 8"):
         get_batch(_full(seq_idx=torch.tensor([[0] * 4 + [1] * 4 + [0] * 8])), cp_rank=0,

@@ -51,26 +51,37 @@ def registry():
     cnn.unregister_module(Original)
 
 
-def test_hooks_with_mismatched_signatures_are_named(registry):
-    reg = registry.register_module
-    with pytest.raises(ValueError, match=r"init_hook .*must take one argument \(the Original "
-                                         r"instance\)"):
-        reg(Original, Replacement, init_hook=lambda: ((4,), {}))
-    with pytest.raises(ValueError, match=r"forward_hook .*does not accept the forward arguments "
-                                         r"of Original.forward\(self, x, scale=1.0\)"):
-        reg(Original, Replacement, init_hook=lambda m: ((4,), {}), forward_hook=lambda x: x)
-    with pytest.raises(ValueError, match=r"return_hook .*must take one argument"):
-        reg(Original, Replacement, init_hook=lambda m: ((4,), {}),
-            forward_hook=lambda x, scale=1.0: ((x,), {"scale": scale}),
-            return_hook=lambda out, extra: out)
+# register_module(...) arguments (the module class first) -> the error they must raise
+MISMATCHED = {
+    "init_hook_arguments": (
+        (Original, Replacement), dict(init_hook=lambda: ((4,), {})),
+        r"init_hook .*must take one argument \(the Original instance\)"),
+    "forward_hook_arguments": (
+        (Original, Replacement), dict(init_hook=lambda m: ((4,), {}), forward_hook=lambda x: x),
+        r"forward_hook .*does not accept the forward arguments "
+        r"of Original.forward\(self, x, scale=1.0\)"),
+    "return_hook_arguments": (
+        (Original, Replacement), dict(init_hook=lambda m: ((4,), {}),
+                                      forward_hook=lambda x, scale=1.0: ((x,), {"scale": scale}),
+                                      return_hook=lambda out, extra: out),
+        r"return_hook .*must take one argument"),
     # no forward_hook: the replacement's own forward must take the original's arguments
-    with pytest.raises(ValueError, match=r"Replacement.forward \(no forward_hook given\)"):
-        reg(Original, Replacement, init_hook=lambda m: ((4,), {}))
-    with pytest.raises(ValueError, match=r"NoArguments.__init__ \(no init_hook given\) "
-                                         r"NoArguments\(\) must take one argument"):
-        reg(Original, NoArguments, forward_hook=lambda x, scale=1.0: ((x,), {}))
-    with pytest.raises(ValueError, match=r"module_cls=.* must be a torch.nn.Module subclass"):
-        reg(int, Replacement)
+    "no_forward_hook": (
+        (Original, Replacement), dict(init_hook=lambda m: ((4,), {})),
+        r"Replacement.forward \(no forward_hook given\)"),
+    "no_init_hook": (
+        (Original, NoArguments), dict(forward_hook=lambda x, scale=1.0: ((x,), {})),
+        r"NoArguments.__init__ \(no init_hook given\) NoArguments\(\) must take one argument"),
+    "not_a_module": (
+        (int, Replacement), {}, r"module_cls=.* must be a torch.nn.Module subclass"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHED))
+def test_hooks_with_mismatched_signatures_are_named(registry, case):
+    classes, kwargs, match = MISMATCHED[case]
+    with pytest.raises(ValueError, match=match):
+        registry.register_module(*classes, **kwargs)
     assert Original not in registry.registered_modules()  # nothing half-registered
 
 
@@ -129,6 +140,7 @@ def test_replacement_with_other_parameter_names_is_an_error(registry):
 
 def test_unknown_architecture_says_how_to_register():
     import transformers as tf
+
     from nxd_cp.models import transform
 
     model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))

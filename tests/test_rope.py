@@ -9,12 +9,14 @@ Each case runs two steps: S=128 (> max_position_embeddings=64: ``dynamic`` grows
 short factors), so both branches of transformers' frequency update are compared.
 
 One 4-rank spawn runs TP2xCP2 and TP1xCP4 (parallel state rebuilt in between), both layouts,
-Llama with the six rope types and GPT-NeoX (partial rotary) with the two length-dependent ones.
+Llama with the six rope types and GPT-NeoX (partial rotary) with the two length-dependent ones;
+each case is its own test (tests/cases.py).
 Negative control: the same cases with the fix removed (the rotary module unwrapped) for the
 length-dependent types; ``dynamic`` must then be visibly wrong, showing the test can fail.
 """
 import pytest
 import torch
+from cases import CaseRunner, case_result, wanted_cases
 
 from nxd_cp.testing import run_ranks
 
@@ -67,13 +69,13 @@ def rel(a, b):
 def run_case(arch, rope, layout, comm, unwrap):
     """Worst loss and gradient relative errors over the two steps (rank 0), else None."""
     import torch.distributed as dist
-    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
-    from nxd_cp.training.grads import allreduce_context_parallel_gradients
-    from nxd_cp.models import full_gradients, transform
-    from nxd_cp.models.common import set_path
-    from nxd_cp.models.rope import GlobalLengthRotary
-
     from test_models import configure
+
+    from nxd_cp.models import full_gradients, transform
+    from nxd_cp.models.rope import GlobalLengthRotary
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
+    from nxd_cp.tensor_parallel.partition import set_path
+    from nxd_cp.training.grads import allreduce_context_parallel_gradients
 
     model = transform(make_model(arch, rope), configure(comm, layout))
     wrapped = [n for n, m in model.named_modules() if isinstance(m, GlobalLengthRotary)]
@@ -101,53 +103,73 @@ def run_case(arch, rope, layout, comm, unwrap):
     return {"loss": loss_err, "grad": grad_err, "wrapped": len(wrapped)}
 
 
-def rope_world(rank, world):
-    from nxd_cp import parallel_state as ps
+CASES = [("llama", r) for r in ROPE] + [("gpt_neox", r) for r in NEOX_ROPE]
 
-    cases = [("llama", r) for r in ROPE] + [("gpt_neox", r) for r in NEOX_ROPE]
-    out = {}
+
+def plan():
+    """(tp, cp, layout, arch, rope, comm, key) of every case, in the order the world runs them;
+    the comm type alternates over cases and layouts."""
+    out = []
     for tp, cp in TOPOLOGIES:
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
         for i, layout in enumerate(LAYOUTS):
-            for j, (arch, rope) in enumerate(cases):
+            for j, (arch, rope) in enumerate(CASES):
                 comm = ("p2p", "all_gather")[(i + j) % 2]
-                key = f"tp{tp}cp{cp}-{layout}-{arch}-{rope}"
-                out[key] = run_case(arch, rope, layout, comm, unwrap=False)
-                if rope in NEOX_ROPE:
-                    out[key + "-unfixed"] = run_case(arch, rope, layout, comm, unwrap=True)
-        ps.destroy_model_parallel()
+                out.append((tp, cp, layout, arch, rope, comm,
+                            f"tp{tp}cp{cp}-{layout}-{arch}-{rope}"))
     return out
 
 
+FIXED_KEYS = [c[-1] for c in plan()]
+# Negative control: the length-dependent types again, with the rotary module unwrapped.
+UNFIXED_KEYS = [c[-1] + "-unfixed" for c in plan() if c[4] in NEOX_ROPE]
+
+
+def rope_world(rank, world, wanted=None):
+    from nxd_cp import parallel_state as ps
+
+    runner = CaseRunner(wanted)
+    for tp, cp in TOPOLOGIES:
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+        for tp_, cp_, layout, arch, rope, comm, key in plan():
+            if (tp_, cp_) != (tp, cp):
+                continue
+            runner.run(key, run_case, arch, rope, layout, comm, unwrap=False)
+            if rope in NEOX_ROPE:
+                runner.run(key + "-unfixed", run_case, arch, rope, layout, comm, unwrap=True)
+        ps.destroy_model_parallel()
+    return runner.results
+
+
 @pytest.fixture(scope="module")
-def results():
-    return run_ranks(rope_world, 4, timeout=300)[0]
+def results(request):
+    return run_ranks(rope_world, 4, wanted_cases(request, "results"), timeout=300)
 
 
-def test_every_rope_type_matches_unmodified_model(results):
-    fixed = {k: v for k, v in results.items() if not k.endswith("-unfixed")}
-    assert len(fixed) == len(TOPOLOGIES) * len(LAYOUTS) * (len(ROPE) + len(NEOX_ROPE))
-    fails = []
-    for key, r in sorted(fixed.items()):
-        print(f"{key:45s} loss {r['loss']:.1e}  grad {r['grad']:.1e}")
-        # fp32; CP only reorders sums (blockwise softmax merge, reductions over CP/TP):
-        # 1e-5 on the loss, 1e-4 norm-wise per parameter gradient (measured <= ~1e-6).
-        if r["loss"] > 1e-5 or r["grad"] > 1e-4:
-            fails.append(f"{key}: loss rel err {r['loss']:.2e}, worst gradient {r['grad']:.2e}")
-        rope = key.rsplit("-", 1)[1]
-        assert r["wrapped"] == (1 if rope in NEOX_ROPE else 0), key
-    assert not fails, "\n".join(fails)
+def test_case_lists():
+    assert len(FIXED_KEYS) == len(set(FIXED_KEYS)) == \
+        len(TOPOLOGIES) * len(LAYOUTS) * (len(ROPE) + len(NEOX_ROPE))
 
 
-def test_negative_control_without_global_length(results):
+@pytest.mark.parametrize("case", FIXED_KEYS)
+def test_every_rope_type_matches_unmodified_model(results, case):
+    r = case_result(results, case)[0]
+    print(f"{case:45s} loss {r['loss']:.1e}  grad {r['grad']:.1e}")
+    # fp32; CP only reorders sums (blockwise softmax merge, reductions over CP/TP):
+    # 1e-5 on the loss, 1e-4 norm-wise per parameter gradient (measured <= ~1e-6).
+    assert r["loss"] <= 1e-5 and r["grad"] <= 1e-4, \
+        f"{case}: loss rel err {r['loss']:.2e}, worst gradient {r['grad']:.2e}"
+    rope = case.rsplit("-", 1)[1]
+    assert r["wrapped"] == (1 if rope in NEOX_ROPE else 0), case
+
+
+@pytest.mark.parametrize("case", UNFIXED_KEYS)
+def test_negative_control_without_global_length(results, case):
     """Without the wrapper (the behaviour before the fix), dynamic RoPE (every layout) and
     longrope (contiguous layout) are visibly wrong."""
-    unfixed = {k: v for k, v in results.items() if k.endswith("-unfixed")}
-    for key, r in sorted(unfixed.items()):
-        print(f"{key:55s} loss {r['loss']:.1e}  grad {r['grad']:.1e}")
-    for key, r in unfixed.items():
-        if "-dynamic-" in key or ("-longrope-" in key and "-contiguous-" in key):
-            # Each rank's frequencies come from its own max position (< 128); the gradients
-            # then differ by 5e-4 .. 0.3 (measured). Zigzag longrope is right by luck: every
-            # zigzag shard's max position exceeds original_max_position_embeddings.
-            assert r["grad"] > 1e-4, f"{key}: the control did not show the defect ({r})"
+    r = case_result(results, case)[0]
+    print(f"{case:55s} loss {r['loss']:.1e}  grad {r['grad']:.1e}")
+    if "-dynamic-" in case or ("-longrope-" in case and "-contiguous-" in case):
+        # Each rank's frequencies come from its own max position (< 128); the gradients
+        # then differ by 5e-4 .. 0.3 (measured). Zigzag longrope is right by luck: every
+        # zigzag shard's max position exceeds original_max_position_embeddings.
+        assert r["grad"] > 1e-4, f"{case}: the control did not show the defect ({r})"

@@ -3,12 +3,14 @@
 References: ``nn.Linear`` on the full input (layers), the unmodified transformers model on one
 process (``tests/test_models.run_case``: loss, every gradient, three AdamW steps), the HLO of
 the XLA transport (lowering). Two spawns: a 4-rank world (layers at TP2, TP2xCP2 and TP4xCP1
-models, collective counts, negative control, bad input) and an 8-rank world (TP2xCP2xDP2).
+models, collective counts, negative control, bad input) and an 8-rank world (TP2xCP2xDP2); each
+case is its own test (tests/cases.py).
 """
 import pytest
-import torch
-
 import test_models as tm
+import torch
+from cases import CaseRunner, case_result, wanted_cases
+
 from nxd_cp.testing import run_ranks
 
 B, S, IN, OUT = 2, 8, 12, 10
@@ -20,8 +22,8 @@ B, S, IN, OUT = 2, 8, 12, 10
 def layer_errors():
     """Fallback SP column / row layers vs nn.Linear on the full input (run at TP2)."""
     from nxd_cp import parallel_state as ps
-    from nxd_cp.tensor_parallel.layers import FallbackColumnParallelLinear, FallbackRowParallelLinear
-    from nxd_cp.tensor_parallel.sequence_parallel import allreduce_sequence_parallel_gradients
+    from nxd_cp.layers import FallbackColumnParallelLinear, FallbackRowParallelLinear
+    from nxd_cp.training.grads import allreduce_sequence_parallel_gradients
 
     tp, r = ps.get_tensor_model_parallel_size(), ps.get_tensor_model_parallel_rank()
     g = torch.Generator().manual_seed(5)
@@ -84,8 +86,8 @@ def layer_errors():
 def backward_collectives(arch, sp):
     """Calls per primitive in one backward of the transformed model (TP2xCP2, p2p)."""
     import nxd_cp
-    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
     from nxd_cp.models import transform
+    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
 
     model = transform(tm.make_model(arch), tm.configure("p2p", sp=sp))
     loss = model(**get_batch_on_this_context_parallel_rank(tm.make_batch(3))).loss
@@ -98,9 +100,10 @@ def unreduced_norm_gradient():
     """Negative control: with SP and without allreduce_sequence_parallel_gradients the norm
     weights' gradients are one TP rank's share only."""
     import torch.distributed as dist
+
+    from nxd_cp.models import full_gradients, transform
     from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
     from nxd_cp.training.grads import allreduce_data_context_parallel_gradients
-    from nxd_cp.models import full_gradients, transform
 
     model = transform(tm.make_model("llama"), tm.configure("p2p", sp=True))
     batch = tm.make_batch(4)
@@ -129,53 +132,68 @@ def bad_sequence():
     return None
 
 
-def four_rank_world(rank, world):
+# Model cases (arch, comm, run_case options), SP on: TP2xCP2 and TP4xCP1 in one 4-rank world,
+# TP2xCP2xDP2 in one 8-rank world.
+TP2CP2 = [(a, c, {}) for a in tm.ARCHS for c in ("p2p", "all_gather")] + [
+    ("gpt_neox", "p2p", {"ckpt": True})]
+TP4CP1 = [(a, "p2p", {}) for a in tm.ARCHS]  # cp=1: no K/V exchange, the comm type does not matter
+DP2 = [("llama", "p2p", {}), ("mistral", "all_gather", {}), ("gpt_neox", "p2p", {"padded": True}),
+       ("gpt_neox", "all_gather", {})]
+
+
+def sp_key(prefix, arch, comm, opts):
+    return f"{prefix}-{arch}-{comm}-sp" + "".join(f"-{k}" for k in opts)
+
+
+FOUR_KEYS = [sp_key("tp2cp2", *c) for c in TP2CP2] + [sp_key("tp4cp1", *c) for c in TP4CP1]
+EIGHT_KEYS = [sp_key("tp2cp2dp2", *c) for c in DP2]
+
+
+def four_rank_world(rank, world, wanted=None):
     from nxd_cp import parallel_state as ps
 
-    res = {}
+    runner = CaseRunner(wanted)
     ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
-    res["layers"] = layer_errors()
-    for arch in tm.ARCHS:
-        for comm in ("p2p", "all_gather"):
-            res[f"tp2cp2-{arch}-{comm}-sp"] = tm.run_case(arch, comm, sp=True)
-    res["tp2cp2-gpt_neox-p2p-sp-ckpt"] = tm.run_case("gpt_neox", "p2p", sp=True, ckpt=True)
-    res["calls"] = {sp: backward_collectives("llama", sp) for sp in (False, True)}
-    res["unreduced"] = unreduced_norm_gradient()
+    runner.run("layers", layer_errors)
+    for arch, comm, opts in TP2CP2:
+        runner.run(sp_key("tp2cp2", arch, comm, opts), tm.run_case, arch, comm, sp=True, **opts)
+    runner.run("calls", lambda: {sp: backward_collectives("llama", sp) for sp in (False, True)})
+    runner.run("unreduced", unreduced_norm_gradient)
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=4, context_parallel_size=1)
-    for arch in tm.ARCHS:  # cp=1: no K/V exchange, the comm type does not matter
-        res[f"tp4cp1-{arch}-p2p-sp"] = tm.run_case(arch, "p2p", sp=True)
-    res["bad_sequence"] = bad_sequence()
+    for arch, comm, opts in TP4CP1:
+        runner.run(sp_key("tp4cp1", arch, comm, opts), tm.run_case, arch, comm, sp=True, **opts)
+    runner.run("bad_sequence", bad_sequence)
     ps.destroy_model_parallel()
-    return res
+    return runner.results
 
 
-def eight_rank_world(rank, world):
+def eight_rank_world(rank, world, wanted=None):
     from nxd_cp import parallel_state as ps
 
+    runner = CaseRunner(wanted)
     ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
-    cases = [("llama", "p2p", {}), ("mistral", "all_gather", {}),
-             ("gpt_neox", "p2p", {"padded": True}), ("gpt_neox", "all_gather", {})]
-    return {f"tp2cp2dp2-{a}-{c}-sp" + "".join(f"-{k}" for k in o): tm.run_case(a, c, sp=True, **o)
-            for a, c, o in cases}
+    for a, c, o in DP2:
+        runner.run(sp_key("tp2cp2dp2", a, c, o), tm.run_case, a, c, sp=True, **o)
+    return runner.results
 
 
 @pytest.fixture(scope="module")
-def four():
-    return run_ranks(four_rank_world, 4, timeout=400)
+def four(request):
+    return run_ranks(four_rank_world, 4, wanted_cases(request, "four"), timeout=400)
 
 
 @pytest.fixture(scope="module")
-def eight():
-    return run_ranks(eight_rank_world, 8, timeout=400)
+def eight(request):
+    return run_ranks(eight_rank_world, 8, wanted_cases(request, "eight"), timeout=400)
 
 
 # ---------------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------------
-def test_fallback_sp_layers_match_linear(four):
-    for rank, r in enumerate(four):
-        lay = r["layers"]
+@pytest.mark.parametrize("case", ["layers"])
+def test_fallback_sp_layers_match_linear(four, case):
+    for rank, lay in enumerate(case_result(four, case)):
         for key in ("column0", "column1", "row0", "row1"):
             # float64 layers; the TP version only splits / reorders sums: 1e-12 relative.
             assert max(lay[key]) < 1e-12, (rank, key, lay[key])
@@ -186,27 +204,27 @@ def test_fallback_sp_layers_match_linear(four):
         assert "input_is_parallel=True" in lay["row_not_parallel"]
 
 
-def test_sp_training_matches_reference(four):
+def test_case_lists():
+    assert len(FOUR_KEYS) == len(set(FOUR_KEYS)) == 10
+    assert len(EIGHT_KEYS) == len(set(EIGHT_KEYS)) == 4
+
+
+@pytest.mark.parametrize("case", FOUR_KEYS)
+def test_sp_training_matches_reference(four, case):
     """TP2xCP2 (both comm types; one with gradient checkpointing) and TP4xCP1, Llama / Mistral /
     GPT-NeoX, SP on: loss, every gradient, three AdamW steps vs the unmodified model
     (tolerances of test_models)."""
-    report = {}
-    fails = tm._check_training(four, report)
-    tm._print_report(report)
-    assert len(tm._cases(four)) == 10
-    assert not fails, "\n".join(fails)
+    tm.assert_training_case(four, case)
 
 
-def test_sp_dp_training_matches_reference(eight):
-    report = {}
-    fails = tm._check_training(eight, report)
-    tm._print_report(report)
-    assert len(tm._cases(eight)) == 4
-    assert not fails, "\n".join(fails)
+@pytest.mark.parametrize("case", EIGHT_KEYS)
+def test_sp_dp_training_matches_reference(eight, case):
+    tm.assert_training_case(eight, case)
 
 
-def test_norm_gradients_need_the_tp_reduction(four):
-    res = four[0]["unreduced"]
+@pytest.mark.parametrize("case", ["unreduced"])
+def test_norm_gradients_need_the_tp_reduction(four, case):
+    res = case_result(four, case)[0]
     # Llama: the decoder layers' two norms and the final norm, nothing else.
     assert res["marked"] == sorted(
         [f"model.layers.{i}.{n}.weight" for i in range(2)
@@ -215,10 +233,11 @@ def test_norm_gradients_need_the_tp_reduction(four):
     assert res["norm_err"] > 0.1, res  # one TP rank's half of the tokens: far off
 
 
-def test_grouped_tp_collectives(four):
+@pytest.mark.parametrize("case", ["calls"])
+def test_grouped_tp_collectives(four, case):
     """Backward of Llama TP2xCP2 p2p (2 layers): the q/k/v input and the gate/up input are
     communicated once per layer, plus the lm_head input; the ring attention adds ring shifts."""
-    off, on = four[0]["calls"][False], four[0]["calls"][True]
+    off, on = case_result(four, case)[0][False], case_result(four, case)[0][True]
     # Without SP: one all-reduce per shared input (2 per layer) + lm_head = 5 (ungrouped: 11).
     assert off.get("all_reduce") == 5 and "reduce_scatter" not in off, off
     # With SP: 2 reduce-scatters per layer + lm_head; all-gathers: per layer 2 row-output
@@ -228,8 +247,9 @@ def test_grouped_tp_collectives(four):
     assert "all_reduce" not in on, on
 
 
-def test_sequence_not_divisible_by_tp(four):
-    msg = four[0]["bad_sequence"]
+@pytest.mark.parametrize("case", ["bad_sequence"])
+def test_sequence_not_divisible_by_tp(four, case):
+    msg = case_result(four, case)[0]
     assert msg and "S/cp=6 is not divisible by tensor_model_parallel_size=4" in msg, msg
 
 
@@ -239,8 +259,8 @@ def test_sp_layers_lower_to_tp_collectives():
     torch_xla = pytest.importorskip("torch_xla")
     from test_xla_lowering import LAYOUT, hlo, ops
 
+    from nxd_cp.layers import FallbackColumnParallelLinear, FallbackRowParallelLinear
     from nxd_cp.topology.groups import GroupSpec
-    from nxd_cp.tensor_parallel.layers import FallbackColumnParallelLinear, FallbackRowParallelLinear
 
     dev = torch_xla.device()
     tp = GroupSpec.explicit(LAYOUT.tensor_parallel_groups(), 0)

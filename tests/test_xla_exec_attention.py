@@ -18,12 +18,13 @@ import torch.nn.functional as F
 pytest.importorskip("torch_xla")
 pytest.importorskip("jax")
 
+from xla_exec import execute, lower_world  # noqa: E402
+
 from nxd_cp.attention import context_parallel_attention  # noqa: E402
 from nxd_cp.attention.dispatch import register_kernel  # noqa: E402
 from nxd_cp.attention.tile_loop import TileLoopKernel  # noqa: E402
 from nxd_cp.sequence.layout import shard_sequence  # noqa: E402
 from nxd_cp.testing import visible_keys  # noqa: E402
-from xla_exec import execute, lower_world  # noqa: E402
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 CHUNK, D = 8, 16  # 2*cp chunks of 8 tokens; head dim 16

@@ -18,10 +18,11 @@ import torch
 pytest.importorskip("torch_xla")
 pytest.importorskip("jax")
 
-from nxd_cp.attention import context_parallel_attention  # noqa: E402
-from nxd_cp.sequence.layout import sequence_positions, shard_sequence  # noqa: E402
 from test_attention_packed import reference  # noqa: E402
 from xla_exec import execute, lower_world, normalise_hlo  # noqa: E402
+
+from nxd_cp.attention import context_parallel_attention  # noqa: E402
+from nxd_cp.sequence.layout import sequence_positions, shard_sequence  # noqa: E402
 
 CP, S, D = 2, 32, 16
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
@@ -98,20 +99,40 @@ def worst_errors(got, want):
     return worst
 
 
-def test_packed_attention_is_one_graph_and_executes():
+@pytest.fixture(scope="module")
+def executed():
+    """Every rank's module for layouts A and B, and rank 0's layout-A module executed by both
+    ranks on their layout-B inputs."""
     lowered = {name: lower_world(step_for(name), CP, context_parallel_size=CP)
                for name in LAYOUTS}
+    # rank 0's module of layout A, run by both ranks on their layout-B inputs
+    got = execute(lowered["A"][0], world_size=CP, inputs=[m.inputs for m in lowered["B"]],
+                  timeout=300)
+    return lowered, got, worst_errors(got, expected("B"))
+
+
+def test_packed_attention_is_one_graph(executed):
+    lowered, _, _ = executed
     graphs = {normalise_hlo(m.text) for ms in lowered.values() for m in ms}
     assert len(graphs) == 1, "ranks or document layouts lowered different graphs"
     text = lowered["A"][0].text
     assert not re.search(r"\b[fs]64\[", text), "f64 / s64 in the packed attention graph"
-    # rank 0's module of layout A, run by both ranks on their layout-B inputs
-    got = execute(lowered["A"][0], world_size=CP, inputs=[m.inputs for m in lowered["B"]],
-                  timeout=300)
-    worst = worst_errors(got, expected("B"))
-    print("packed, XLA executed: " + ", ".join(f"{n} {e:.1e}" for n, e in sorted(worst.items())))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_attention_executes(executed, case):
+    _, _, worst = executed
     assert len(worst) == 4 * len(CASES)
-    bad = {n: e for n, e in worst.items() if e > (FWD_TOL if n.endswith("/out") else GRAD_TOL)}
+    mine = {n: e for n, e in worst.items() if n.startswith(case + "/")}
+    print(f"packed, XLA executed, {case}: " +
+          ", ".join(f"{n} {e:.1e}" for n, e in sorted(mine.items())))
+    assert len(mine) == 4, sorted(mine)
+    bad = {n: e for n, e in mine.items() if e > (FWD_TOL if n.endswith("/out") else GRAD_TOL)}
     assert not bad, bad
+
+
+def test_without_documents_the_reference_is_far_off(executed):
+    """Negative control: the same results against the reference without the document mask."""
+    _, got, _ = executed
     control = worst_errors(got, expected("B", use_documents=False))
     assert max(control[f"{n}/out"] for n in CASES) > 1e-2, control

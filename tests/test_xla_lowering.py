@@ -5,14 +5,17 @@ the HLO text of each traced collective: its opcode, ``replica_groups`` and
 ``source_target_pairs`` for rank 0 of TP2 x CP2 (CP groups {0,2},{1,3}; TP groups {0,1},{2,3}).
 """
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 torch_xla = pytest.importorskip("torch_xla")
 
-from nxd_cp.comm import get_transport  # noqa: E402
 from nxd_cp.comm import autograd as cg  # noqa: E402
+from nxd_cp.comm import get_transport  # noqa: E402
+from nxd_cp.compat import torch_xla as xla_compat  # noqa: E402
 from nxd_cp.topology.groups import GroupSpec  # noqa: E402
 from nxd_cp.topology.layout import ParallelLayout  # noqa: E402
 
@@ -20,7 +23,7 @@ LAYOUT = ParallelLayout(4, tensor_model_parallel_size=2, context_parallel_size=2
 
 
 def hlo(*tensors) -> str:
-    return torch_xla._XLAC._get_xla_tensors_hlo(list(tensors))
+    return xla_compat.tensors_hlo(list(tensors))
 
 
 def ops(text: str, opcode: str):
@@ -53,10 +56,10 @@ def test_primitives_lower_with_replica_groups(kind, groups):
 def test_ring_shift_pairs_both_directions():
     t = transport("context", rank=2)
     x = torch.randn(3, 5, device=torch_xla.device())
-    fwd = ops(hlo(t.ring_shift(x, 1)), "collective-permute")
+    fwd = ops(hlo(t.ring_shift_start(x, 1).wait()), "collective-permute")
     assert fwd and "source_target_pairs={{0,2},{2,0},{1,3},{3,1}}" in fwd[-1]
     cp4 = get_transport(GroupSpec.explicit([[0, 1, 2, 3]], 1), torch_xla.device())
-    back = ops(hlo(cp4.ring_shift(x, -1)), "collective-permute")
+    back = ops(hlo(cp4.ring_shift_start(x, -1).wait()), "collective-permute")
     assert back and "source_target_pairs={{0,3},{1,0},{2,1},{3,2}}" in back[-1]
 
 
@@ -91,3 +94,17 @@ def test_own_chunk_of_gather_from_group_is_rank_independent():
         graphs.add(re.sub(r"%[\w.\-]+", "%x", re.sub(r", metadata=\{[^}]*\}", "", text)))
         assert not re.search(r"\b[fs]64\[", text)
     assert len(graphs) == 1
+
+
+def test_compat_names_the_torch_xla_version_when_a_private_name_is_missing(monkeypatch):
+    monkeypatch.delattr(torch_xla._XLAC, "_get_xla_tensors_hlo")
+    with pytest.raises(RuntimeError, match=r"torch_xla\._XLAC\._get_xla_tensors_hlo is not "
+                                           r"available in torch-xla \S+ \(nxd_cp\.compat"):
+        xla_compat.tensors_hlo([])
+    assert xla_compat.SUPPORTED == ("2.9",)
+
+
+def test_importing_nxd_cp_does_not_import_torch_xla():
+    code = ("import sys, nxd_cp, nxd_cp.comm.xla, nxd_cp.comm.xla_loop, nxd_cp.compat.torch_xla; "
+            "assert 'torch_xla' not in sys.modules, 'torch_xla imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -95,22 +95,23 @@ def lower_world(step: Callable[[int], Dict[str, "object"]], world_size: int,
     import torch_xla
 
     from nxd_cp import parallel_state as ps
+    from nxd_cp.compat import torch_xla as xla_compat
 
     dev = str(torch_xla.device())
     modules = []
     for rank in range(world_size):
         # Each rank's graph starts a fresh chain of collective tokens.
-        torch_xla._XLAC._set_all_reduce_token(dev, None)
+        xla_compat.reset_collective_token(dev)
         with ps.explicit_rank(world_size, rank, tensor_model_parallel_size,
                               context_parallel_size, pipeline_model_parallel_size):
             outputs = step(rank)
         names = list(outputs)
-        ctx = torch_xla._XLAC.lowering.LoweringContext()
+        ctx = xla_compat.lowering_context()
         ctx.build([outputs[n] for n in names])
         params = ctx.parameter_id_tensor_mapping()
         if sorted(params) != list(range(len(params))):
             raise RuntimeError(f"rank {rank}: parameter ids {sorted(params)} are not 0..n-1")
-        text = torch_xla._XLAC._get_xla_tensors_hlo([outputs[n] for n in names])
+        text = xla_compat.tensors_hlo([outputs[n] for n in names])
         modules.append(Lowered(ctx.hlo(), [_to_numpy(params[i]) for i in range(len(params))],
                                names, ctx.hlo_text(), text))
         for n in names:  # bf16 outputs come back as uint16 bits

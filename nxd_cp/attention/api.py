@@ -1,10 +1,11 @@
 """``context_parallel_attention``: the public entry point of CP attention.
 
 Validates its inputs (once: the algorithms below trust them), takes ``comm_type`` /
-``load_balance`` from the active CP config (``nxd_cp.config``) unless given, resolves
-``group=None`` to the CP group of ``parallel_state``, picks the transport from the tensors'
-device and runs the ring (``comm_type="p2p"``) or the all-gather algorithm. A CP group of size
-1 runs the local kernel without communication.
+``load_balance`` as given (explicit defaults ``"p2p"``, ``"zigzag"``: nothing is read from a
+global config), resolves ``group=None`` to the CP group of ``parallel_state``, picks the
+transport from the tensors' device and runs the K/V stream of the comm type
+(``streams.stream_attention``: ring or all-gather). A CP group of size 1 runs the local kernel
+without communication.
 """
 from __future__ import annotations
 
@@ -14,16 +15,15 @@ from typing import Optional
 
 import torch
 
-from nxd_cp.topology.agreement import attention_signature, check_group_agreement
-from nxd_cp.attention.all_gather import all_gather_attention
 from nxd_cp.attention.dispatch import local_attention
 from nxd_cp.attention.documents import PackedDocuments, local_document_mask
-from nxd_cp.attention.ring import ring_attention
 from nxd_cp.attention.schedule import BlockMask
+from nxd_cp.attention.streams import stream_attention
 from nxd_cp.comm import get_transport
-from nxd_cp.config import COMM_TYPES, get_context_parallel_config
+from nxd_cp.config import COMM_TYPES
 from nxd_cp.parallel_state import resolve_group
 from nxd_cp.sequence.layout import check_load_balance, check_sequence_length
+from nxd_cp.topology.agreement import attention_signature, check_group_agreement
 
 
 def _validate(q, k, v, causal, comm_type, window_size, key_padding_mask) -> None:
@@ -85,10 +85,10 @@ def _validate_documents(q, seq_idx, position_ids, needs_positions: bool) -> None
 
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               causal: bool = True, comm_type: Optional[str] = None,
+                               causal: bool = True, comm_type: str = "p2p",
                                window_size: Optional[int] = None,
                                softmax_scale: Optional[float] = None,
-                               load_balance: Optional[str] = None, group=None,
+                               load_balance: str = "zigzag", group=None,
                                key_padding_mask: Optional[torch.Tensor] = None,
                                seq_idx: Optional[torch.Tensor] = None,
                                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -100,8 +100,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     causal: causal mask on global positions; window_size: sliding window (key j visible to
     query i iff j <= i and i - j < window_size, needs causal); softmax_scale: default
-    1/sqrt(D); comm_type: "p2p" (ring) or "all_gather"; comm_type / load_balance None: the
-    active config's (``nxd_cp.config.get_context_parallel_config()``); group: None for the CP
+    1/sqrt(D); comm_type: "p2p" (ring) or "all_gather"; load_balance: "zigzag", "contiguous" or
+    "per_document" (a model from ``transform`` passes its bound config's); group: None for the CP
     group of ``parallel_state``, or a ``GroupSpec`` / ProcessGroup; key_padding_mask: bool
     [B, S_local], True for real tokens of this shard (its key part travels with K/V).
     seq_idx: packed documents, int [B, S_local]: the document index of each of this rank's
@@ -111,9 +111,6 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     only with ``load_balance="per_document"`` and a window, where they are required.
     Rows that see no key return zeros.
     """
-    active = get_context_parallel_config()
-    comm_type = active.comm_type if comm_type is None else comm_type
-    load_balance = active.load_balance if load_balance is None else load_balance
     _validate(q, k, v, causal, comm_type, window_size, key_padding_mask)
     check_load_balance(load_balance)
     per_document = load_balance == "per_document"
@@ -147,9 +144,10 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         documents = PackedDocuments(seq_idx.to(q.device), per_document,
                                     position_ids.to(q.device) if positions else None,
                                     window_size if positions else None)
-    algorithm = ring_attention if comm_type == "p2p" else all_gather_attention
     # per_document runs zigzag's plan on slots; a window on data positions is the documents'.
-    return algorithm(q, k, v, keep, transport=transport, seq_len=seq_len,
-                     load_balance="zigzag" if per_document else load_balance, causal=causal,
-                     window=None if positions and documents is not None else window_size,
-                     scale=scale, documents=documents)
+    return stream_attention(q, k, v, keep, comm_type=comm_type, transport=transport,
+                            seq_len=seq_len,
+                            load_balance="zigzag" if per_document else load_balance,
+                            causal=causal,
+                            window=None if positions and documents is not None else window_size,
+                            scale=scale, documents=documents)

@@ -3,15 +3,19 @@
 ``register_kernel`` plugs a kernel in per device type (built in: the fused SDPA ops on CPU and
 CUDA; on XLA ``tile_loop.TileLoopKernel``, one large pure-torch tile or a loop over tiles inside
 the graph; an NKI kernel would register for ``"xla"``).
-``NXD_CP_KERNEL=torch`` forces the pure-torch reference kernel (small tiles) everywhere.
+``use_reference_kernel(True)`` (or the context manager ``reference_kernel_only()``) forces the
+pure-torch reference kernel (small tiles) on every device, a registry setting like
+``register_kernel``. Its initial value comes from the environment variable ``NXD_CP_KERNEL``
+(``auto``, the default, or ``torch``), read once when this module is imported.
 Shapes as ``kernels.py``; callers (the CP algorithms, validated once by the api) pass
 consistent shapes, so nothing is re-checked per block.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -43,13 +47,38 @@ def register_kernel(device_type: str, kernel: Optional[BlockKernel]) -> Optional
     return previous
 
 
-def get_kernel(device_type: str) -> BlockKernel:
-    """The kernel for ``device_type``: the registered one, else the pure-torch reference;
-    always the reference under ``NXD_CP_KERNEL=torch``."""
+def _reference_from_env() -> bool:
     choice = os.environ.get(KERNEL_ENV, "auto")
     if choice not in ("auto", "torch"):
         raise ValueError(f"{KERNEL_ENV}={choice!r} must be 'auto' or 'torch'")
-    if choice == "torch":
+    return choice == "torch"
+
+
+_reference_only = _reference_from_env()  # NXD_CP_KERNEL is read once, at import
+
+
+def use_reference_kernel(enabled: bool) -> bool:
+    """Run every block on the pure-torch reference kernel (``True``) or on the registered
+    kernels (``False``). Returns the setting before."""
+    global _reference_only
+    previous, _reference_only = _reference_only, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def reference_kernel_only(enabled: bool = True) -> Iterator[None]:
+    """``use_reference_kernel(enabled)`` inside the block, the previous setting after it."""
+    previous = use_reference_kernel(enabled)
+    try:
+        yield
+    finally:
+        use_reference_kernel(previous)
+
+
+def get_kernel(device_type: str) -> BlockKernel:
+    """The kernel for ``device_type``: the registered one, else the pure-torch reference;
+    always the reference under ``use_reference_kernel(True)``."""
+    if _reference_only:
         return REFERENCE_KERNEL
     return _KERNELS.get(device_type, REFERENCE_KERNEL)
 
@@ -113,7 +142,7 @@ class _LocalAttention(torch.autograd.Function):
         out, lse = block_attention_forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep,
                                            documents=documents)
         # Saved in the input dtype (as the CP paths and FlashAttention do) and in [B, S, H, D]
-        # memory order (see loop.ContextParallelAttention).
+        # memory order (see loop.ContextParallelAttentionFunction).
         b, h, s, d = q.shape
         out = q.new_empty((b, s, h, d)).transpose(1, 2).copy_(out)
         ctx.save_for_backward(q, k, v, out, lse, kv_keep)

@@ -32,6 +32,7 @@ from torch import Tensor
 from nxd_cp.attention.parts import RankIndex, Selection
 from nxd_cp.attention.schedule import Plan
 from nxd_cp.comm.base import Transport
+from nxd_cp.sequence.layout import rank_chunks
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,7 +151,6 @@ def _check_order(table, plan: Plan, per_document: bool) -> None:
                                      f"{r}'s part {p} is not")
     if per_document:
         return
-    from nxd_cp.sequence.layout import rank_chunks
     chunks = {}
     for r, parts in enumerate(table):
         for p, g in enumerate(rank_chunks(r, plan.cp_size, plan.load_balance)):

@@ -3,7 +3,8 @@
 ``CpuFlashKernel`` (CPU) and ``CudaSdpaKernel`` (CUDA) are registered by default
 (``dispatch``); each ``supports`` only unmasked blocks and diagonal causal blocks with static
 positions, and the dispatcher falls back to the pure-torch kernel for everything else.
-Shapes as ``kernels.py``.
+Shapes as ``kernels.py``. The aten ops are private: they are called through
+``nxd_cp.compat.torch`` only.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from nxd_cp.attention.kernels import finite_lse, group_heads
 from nxd_cp.attention.schedule import BlockMask, Visibility, visibility
+from nxd_cp.compat import torch as torch_compat
 
 
 def _fused_is_causal(q: Tensor, k: Tensor, mask: Optional[BlockMask]) -> Optional[bool]:
@@ -50,15 +52,13 @@ class CpuFlashKernel:
                 and _fused_is_causal(q, k, mask) is not None)
 
     def forward(self, q, k, v, *, scale, mask=None, kv_keep=None):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.float(), k.float(), v.float(), 0.0, _fused_is_causal(q, k, mask), scale=scale)
-        return out, lse
+        return torch_compat.cpu_flash_attention(q.float(), k.float(), v.float(),
+                                                _fused_is_causal(q, k, mask), scale)
 
     def backward(self, dout, q, k, v, out, lse, *, scale, mask=None, kv_keep=None):
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        return torch_compat.cpu_flash_attention_backward(
             dout.float(), q.float(), k.float(), v.float(), out.float(), finite_lse(lse.float()),
-            0.0, _fused_is_causal(q, k, mask), scale=scale)
-        return dq, dk, dv
+            _fused_is_causal(q, k, mask), scale)
 
 
 class CudaSdpaKernel:
@@ -83,10 +83,9 @@ class CudaSdpaKernel:
 
     def forward(self, q, k, v, *, scale, mask=None, kv_keep=None):
         g = q.shape[1] // k.shape[1]
-        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, self._expand(k, g), self._expand(v, g), None, True, 0.0,
-            _fused_is_causal(q, k, mask), scale=scale)
-        return out.float(), lse[:, :, :q.shape[2]].float()
+        out, lse = torch_compat.cuda_efficient_attention(
+            q, self._expand(k, g), self._expand(v, g), _fused_is_causal(q, k, mask), scale)
+        return out.float(), lse[:, :, :q.shape[2]].float()  # lse [B, Hq, Sq (padded)] -> Sq
 
     def backward(self, dout, q, k, v, out, lse, *, scale, mask=None, kv_keep=None):
         hkv, sq = k.shape[1], q.shape[2]
@@ -94,10 +93,9 @@ class CudaSdpaKernel:
         lse = finite_lse(lse.float())
         if not torch.version.hip:
             lse = F.pad(lse, (0, -sq % 32))
-        no_dropout = torch.zeros((), dtype=torch.int64, device=q.device)  # philox seed/offset
-        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout.to(q.dtype), q, self._expand(k, g), self._expand(v, g), None,
-            out.to(q.dtype), lse.contiguous(), no_dropout, no_dropout, 0.0,
-            [True, True, True, False], _fused_is_causal(q, k, mask), scale=scale)
+        dq, dk, dv = torch_compat.cuda_efficient_attention_backward(
+            dout.to(q.dtype), q, self._expand(k, g), self._expand(v, g), out.to(q.dtype),
+            lse.contiguous(), _fused_is_causal(q, k, mask), scale)
+        # [B, Hq, Sk, D] -> [B, Hkv, G, Sk, D], summed over the G query heads of a KV head
         dk, dv = (group_heads(x.float(), hkv).sum(2) for x in (dk, dv))
         return dq.float(), dk, dv

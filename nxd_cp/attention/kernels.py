@@ -12,10 +12,9 @@ for packed documents a ``documents`` term, ``documents.DocumentMask``: same docu
 ``TorchBlockKernel`` is the reference, the CPU fallback and — as one large tile — the XLA
 kernel for blocks up to ``dispatch.XLA_BLOCK`` (larger blocks: ``tile_loop.py``): on XLA every
 tile is unrolled into the graph, so large tiles keep the graph small and let the compiler tile
-the matmuls. Written for a compact lowering: ``einsum``
-(one HLO dot each), the scale folded into Q once, no f64 and no s64 (comparisons are against
-tensors of the same dtype: a Python scalar operand of a comparison lowers to f64/s64;
-positions are int32).
+the matmuls. The per-tile math (online softmax, tile gradients) is ``softmax.py``'s, shared
+with the tile loop; positions are int32 and comparisons are against tensors of the same dtype
+(a Python scalar operand of a comparison lowers to f64/s64).
 """
 from __future__ import annotations
 
@@ -25,17 +24,20 @@ import torch
 from torch import Tensor
 
 from nxd_cp.attention.schedule import BlockMask, Visibility, visibility
+from nxd_cp.attention.softmax import (
+    EMPTY_LSE,
+    group_heads,
+    masked_scores,
+    softmax_finish,
+    softmax_update,
+    tile_grads,
+)
 
 DEFAULT_TILE_Q = 256
 DEFAULT_TILE_K = 512
 
-EMPTY_LSE = torch.finfo(torch.float32).min  # lse of a row that sees no key
-_NEG_INF = float("-inf")
-
-# [B, Hkv, G, tq, D] x [B, Hkv, tk, D] products of the G query heads of each KV head.
-_SCORES = "bhgqd,bhkd->bhgqk"
-_PV = "bhgqk,bhkd->bhgqd"
-_KEY_GRAD = "bhgqk,bhgqd->bhkd"  # summed over the G query heads and the rows
+__all__ = ["EMPTY_LSE", "BlockKernel", "TorchBlockKernel", "finite_lse", "group_heads",
+           "masked_scores", "position_rows", "rows_visible", "tile_visibility"]
 
 
 def position_rows(mask: BlockMask, q0: int, q1: int, k0: int, device: torch.device) -> Tensor:
@@ -85,23 +87,11 @@ def tile_visibility(mask: Optional[BlockMask], vis: Visibility, kv_keep: Optiona
     return visible
 
 
-def group_heads(x: Tensor, hkv: int) -> Tensor:
-    """``[B, Hq, S, ...]`` -> ``[B, Hkv, G, S, ...]`` (a view): the query heads of each KV head."""
-    return x.unflatten(1, (hkv, x.shape[1] // hkv))
-
-
 def finite_lse(lse: Tensor) -> Tensor:
     """``lse`` with ``-inf`` (rows with no visible key) replaced by ``+inf``, so that the
     recomputed probabilities ``exp(s - lse)`` of those rows are 0 instead of NaN (for kernels
     that are handed an lse from elsewhere; ``EMPTY_LSE`` needs no such guard here)."""
     return torch.where(torch.isneginf(lse), float("inf"), lse)
-
-
-def masked_scores(qt: Tensor, kt: Tensor, visible: Optional[Tensor]) -> Tensor:
-    """Scores fp32 ``[B, Hkv, G, tq, tk]`` of the pre-scaled ``qt`` ``[B, Hkv, G, tq, D]``
-    against ``kt`` ``[B, Hkv, tk, D]``, invisible entries at ``-inf``."""
-    s = torch.einsum(_SCORES, qt, kt)
-    return s if visible is None else torch.where(visible, s, _NEG_INF)
 
 
 def _cat(parts, dim: int) -> Tensor:
@@ -171,38 +161,26 @@ class TorchBlockKernel:
                 documents=None) -> Tuple[Tensor, Tensor]:
         """See ``block_attention_forward``."""
         hkv = k.shape[1]
+        # [B, Hkv, G, Sq, D], pre-scaled; k/v fp32 [B, Hkv, Sk, D]
         qs, kf, vf = group_heads(q.float() * scale, hkv), k.float(), v.float()
         outs, lses = [], []
         for q0, q1, ktiles in self._tiles(q, k, mask):
             qt = qs[:, :, :, q0:q1].contiguous()  # one copy per q tile, not per product (CPU)
-            row_max = row_sum = acc = None
+            state = None
             for k0, k1, vis in ktiles:
                 visible = tile_visibility(mask, vis, kv_keep, q0, q1, k0, k1, q.device,
                                           documents)
-                s = masked_scores(qt, kf[:, :, k0:k1], visible)
-                new_max = s.amax(-1) if row_max is None else torch.maximum(row_max, s.amax(-1))
-                # Rows that see no key have max -inf: shift them by EMPTY_LSE instead (exp
-                # still gives 0, and their lse below is EMPTY_LSE).
-                shift = new_max.clamp_min(EMPTY_LSE)
-                p = torch.exp(s - shift.unsqueeze(-1))
-                pv = torch.einsum(_PV, p, vf[:, :, k0:k1])
-                if row_max is None:  # first tile: nothing to rescale (keeps the graph small)
-                    row_sum, acc = p.sum(-1), pv
-                else:
-                    rescale = torch.exp(row_max - shift)
-                    row_sum = row_sum * rescale + p.sum(-1)
-                    acc = acc * rescale.unsqueeze(-1) + pv
-                row_max = shift
-            if row_max is None:  # every key tile of this row tile is invisible
+                state = softmax_update(state, masked_scores(qt, kf[:, :, k0:k1], visible),
+                                       vf[:, :, k0:k1])
+            if state is None:  # every key tile of this row tile is invisible
                 b, _, g, _, d = qt.shape
                 lses.append(qt.new_full((b, hkv, g, q1 - q0), EMPTY_LSE))
                 outs.append(qt.new_zeros((b, hkv, g, q1 - q0, d)))
                 continue
-            # A row that sees a key has row_sum >= 1 (its max term is exp(0)); empty rows have
-            # row_sum = 0 and acc = 0: dividing by 1 gives out = 0, and lse = EMPTY_LSE.
-            norm = row_sum.clamp_min(1.0)
-            lses.append(row_max + torch.log(norm))
-            outs.append(acc / norm.unsqueeze(-1))
+            out_t, lse_t = softmax_finish(state)
+            outs.append(out_t)
+            lses.append(lse_t)
+        # [B, Hkv, G, Sq, ...] -> [B, Hq, Sq, ...]
         return _cat(outs, 3).flatten(1, 2), _cat(lses, 3).flatten(1, 2)
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -213,7 +191,7 @@ class TorchBlockKernel:
         hkv = k.shape[1]
         qs, kf, vf = group_heads(q.float() * scale, hkv), k.float(), v.float()
         dof = group_heads(dout.float(), hkv)
-        # rowsum(dout * merged out) [B, Hkv, G, Sq, 1]
+        # rowsum(dout * merged out) and the merged lse, both [B, Hkv, G, Sq, 1]
         delta = torch.einsum("bhgqd,bhgqd->bhgq", dof, group_heads(out.float(), hkv)).unsqueeze(-1)
         lse_g = group_heads(lse, hkv).unsqueeze(-1)
         dk_tiles: Dict[int, Tensor] = {}
@@ -226,16 +204,13 @@ class TorchBlockKernel:
                 kt, vt = kf[:, :, k0:k1], vf[:, :, k0:k1]
                 visible = tile_visibility(mask, vis, kv_keep, q0, q1, k0, k1, q.device,
                                           documents)
-                p = torch.exp(masked_scores(qt, kt, visible) - lse_g[:, :, :, q0:q1])
-                ds = p * (torch.einsum(_SCORES, dot, vt) - delta[:, :, :, q0:q1])
-                dq_part = torch.einsum(_PV, ds, kt)
+                dq_part, dk_t, dv_t = tile_grads(qt, kt, vt, dot, lse_g[:, :, :, q0:q1],
+                                                 delta[:, :, :, q0:q1], visible)
                 dq_t = dq_part if dq_t is None else dq_t + dq_part
-                # qt carries the scale: dk = scale * ds^T q, summed over the query heads.
-                dk_t, dv_t = torch.einsum(_KEY_GRAD, ds, qt), torch.einsum(_KEY_GRAD, p, dot)
                 dk_tiles[k0] = dk_t + dk_tiles[k0] if k0 in dk_tiles else dk_t
                 dv_tiles[k0] = dv_t + dv_tiles[k0] if k0 in dv_tiles else dv_t
             dq_tiles.append(torch.zeros_like(qt) if dq_t is None else dq_t)
-        dq = _cat(dq_tiles, 3).flatten(1, 2) * scale
+        dq = _cat(dq_tiles, 3).flatten(1, 2) * scale  # [B, Hkv, G, Sq, D] -> [B, Hq, Sq, D]
         return dq, self._gather_tiles(dk_tiles, kf), self._gather_tiles(dv_tiles, vf)
 
     def _gather_tiles(self, tiles: Dict[int, Tensor], like: Tensor) -> Tensor:

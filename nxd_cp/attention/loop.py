@@ -1,10 +1,11 @@
-"""The block loop of CP attention, shared by ring and all-gather.
+"""The block loop of CP attention, shared by ring and all-gather, and its autograd Function.
 
 Both algorithms visit the K/V shards of the CP group in ring order: at step ``i`` this rank
 (CP rank ``r``) holds the shard of ``(r - i) mod cp`` and runs the plan's products of that step
 (``schedule.Plan``). They differ only in how the shards arrive and how their dK/dV go home — a
-``KVStream``: the ring shifts them around (``ring.RingStream``), all-gather gathers them once
-and reads its copy (``all_gather.GatherStream``).
+``KVStream`` (this module's interface; the implementations are ``streams.py``'s): the ring
+shifts them around (``RingStream``), all-gather gathers them once and reads its copy
+(``GatherStream``).
 
 Shapes: q ``[B, Hq, S_local, D]``; k, v ``[B, Hkv, S_local, D]`` packed as kv
 ``[2, B, Hkv, S_local, D]`` (only the real Hkv heads travel); keep None or uint8
@@ -104,20 +105,22 @@ def backward_blocks(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, plan: Pla
     return dq.value(), stream.local_grad()
 
 
-class ContextParallelAttention(torch.autograd.Function):
-    """out ``[B, Hq, S_local, D]`` in q's dtype: the local Q against every rank's K/V."""
+class ContextParallelAttentionFunction(torch.autograd.Function):
+    """out ``[B, Hq, S_local, D]`` in q's dtype: the local Q against every rank's K/V, the
+    shards brought by ``stream_cls`` (a ``KVStream``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep, plan: Plan, stream_cls, transport: Transport,
                 rank: RankIndex, scale: float, documents: Optional[PackedDocuments] = None):
         docs = None if documents is None else documents.docs
+        # K and V packed: kv [2, B, Hkv, S_local, D]
         stream = stream_cls(transport, rank, torch.stack([k, v]), keep, docs)
         out32, lse = forward_blocks(q, plan, stream, scale, documents)
         # Kept in the input dtype and in [B, S, H, D] memory order: transformers turns the
         # output into [B, S, H, D] with transpose(1, 2).contiguous(), which is then free
         # instead of a second copy of the output kept for backward.
         b, h, s, d = q.shape
-        out = q.new_empty((b, s, h, d)).transpose(1, 2).copy_(out32)
+        out = q.new_empty((b, s, h, d)).transpose(1, 2).copy_(out32)  # [B, H, S, D] view
         ctx.save_for_backward(q, k, v, out, lse, *([] if keep is None else [keep]))
         ctx.args = (plan, stream_cls, transport, rank, scale, documents)
         return out

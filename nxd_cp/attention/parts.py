@@ -49,7 +49,9 @@ class Selection:
             return x
         if isinstance(self.parts, tuple):
             return _cat([x.narrow(dim, p * c, c) for p in self.parts], batch)
+        # [.., S_local, ..] -> [.., parts, c, ..] -> [.., P, c, ..] (P at dim)
         picked = x.unflatten(dim, (plan.parts, c)).index_select(dim, self.parts)
+        # P moved in front of the batch dim and merged with it: [.., P*B, .., c, ..]
         return picked.movedim(dim, batch).flatten(batch, batch + 1)
 
     def bias(self, plan: Plan) -> Tensor:
@@ -59,6 +61,7 @@ class Selection:
 
     def spread(self, value: Tensor, dim: int, batch: int) -> Tensor:
         """``[.., P*B, ..]`` results of a call -> ``[.., P, c, ..]`` with ``P`` at ``dim``."""
+        # [.., P*B, ..] -> [.., P, B, ..] -> P moved to ``dim`` (before the c rows)
         return value.unflatten(batch, (self.count, -1)).movedim(batch, dim)
 
 
@@ -87,7 +90,7 @@ class RankIndex:
             return table[0]
         if table not in self._looked_up:
             t = _device_table(table, str(self.value.device))
-            row = t.index_select(0, self.value)
+            row = t.index_select(0, self.value)  # [1] or [1, P]
             self._looked_up[table] = row.reshape(row.shape[1:] if row.dim() > 1 else ())
         return self._looked_up[table]
 
@@ -184,9 +187,9 @@ class PartSum(_PerPart):
             self.whole = value if self._untouched() else self._joined() + value
         else:
             n, c = self.plan.parts, self.plan.part_len
-            grid = self._joined().unflatten(self.dim, (n, c))
+            grid = self._joined().unflatten(self.dim, (n, c))  # [.., parts, c, ..]
             self.whole = grid.index_add(self.dim, sel.parts, sel.spread(
-                value, self.dim, self.batch)).flatten(self.dim, self.dim + 1)
+                value, self.dim, self.batch)).flatten(self.dim, self.dim + 1)  # [.., S_local, ..]
 
     def value(self) -> Tensor:
         return self._joined()
@@ -224,7 +227,7 @@ class PartMerge(_PerPart):
     def _merge_picked(self, sel: Selection, out: Tensor, lse: Tensor) -> None:
         """Each pair merges into every part, its lse at -inf outside its own part."""
         n, c = self.plan.parts, self.plan.part_len
-        acc_out, acc_lse = (t.unflatten(2, (n, c)) for t in self._joined())
+        acc_out, acc_lse = (t.unflatten(2, (n, c)) for t in self._joined())  # [B, H, parts, c, ..]
         outs, lses = sel.spread(out, 2, 0), sel.spread(lse, 2, 0)  # [B, H, P, c, ..]
         bias = sel.bias(self.plan).unsqueeze(-1)  # [P, parts, 1]
         for i in range(sel.count):

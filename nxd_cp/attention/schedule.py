@@ -112,17 +112,9 @@ class Product:
     kinds: Tuple[Visibility, ...]
 
     @property
-    def parts_static(self) -> bool:
-        return len(set(self.q_part)) == 1 and len(set(self.k_part)) == 1
-
-    @property
     def needs_mask(self) -> bool:
         """False when every rank sees the whole block (no mask in any rank's graph)."""
         return any(k is not FULL for k in self.kinds)
-
-    @property
-    def offset_static(self) -> bool:
-        return len(set(self.offset)) == 1
 
 
 @dataclass(frozen=True)
@@ -159,7 +151,8 @@ class Plan:
         return slice(part * self.part_len, (part + 1) * self.part_len)
 
     def tasks(self, rank: int) -> List[List[BlockTask]]:
-        """What rank ``rank`` computes at every step, empty products left out (tests, benchmarks)."""
+        """The kernel calls of rank ``rank`` at every step, empty products left out (tests,
+        benchmarks); all-gather runs the same calls, its steps read from the gathered copy."""
         out = []
         for products in self.steps:
             tasks = []
@@ -180,25 +173,37 @@ def _part_starts(seq_len: int, rank: int, n: int, load_balance: str) -> List[int
     return [a for a, _ in chunk_ranges(seq_len, rank, n, load_balance)]
 
 
-def _pair(plan_args, r: int, s: int, a: int, b: int) -> Tuple[Visibility, int]:
+@dataclass(frozen=True)
+class _PlanInputs:
+    """What the products of a step are computed from (``make_plan``'s arguments)."""
+    seq_len: int
+    cp_size: int
+    load_balance: str
+    causal: bool
+    window: Optional[int]
+    part_len: int  # tokens per part
+    parts: int     # parts per shard
+
+
+def _pair(spec: _PlanInputs, r: int, s: int, a: int, b: int) -> Tuple[Visibility, int]:
     """(class, offset) of Q part ``a`` of rank ``r`` against KV part ``b`` of rank ``s``."""
-    seq_len, n, load_balance, causal, window, c = plan_args
-    qs = _part_starts(seq_len, r, n, load_balance)[a]
-    ks = _part_starts(seq_len, s, n, load_balance)[b]
-    return classify_gap(qs - ks - (c - 1), qs - ks + (c - 1), causal, window), qs - ks
+    qs = _part_starts(spec.seq_len, r, spec.cp_size, spec.load_balance)[a]
+    ks = _part_starts(spec.seq_len, s, spec.cp_size, spec.load_balance)[b]
+    c = spec.part_len
+    return classify_gap(qs - ks - (c - 1), qs - ks + (c - 1), spec.causal, spec.window), qs - ks
 
 
-def _step_products(plan_args, parts: int, step: int) -> Tuple[Product, ...]:
-    seq_len, n, load_balance, causal, window, c = plan_args
+def _step_products(spec: _PlanInputs, step: int) -> Tuple[Product, ...]:
+    n, parts = spec.cp_size, spec.parts
     ranks = range(n)
-    if not causal:
+    if not spec.causal:
         return (Product((ALL,) * n, (ALL,) * n, (0,) * n, (FULL,) * n),)
-    if step == 0 and window is None:
+    if step == 0 and spec.window is None:
         # The local block under a plain causal mask: local order is increasing in global
         # position, so the local lower triangle is the global causal mask, on every rank.
         return (Product((ALL,) * n, (ALL,) * n, (0,) * n, (PARTIAL,) * n),)
     pairs = [(a, b) for a in range(parts) for b in range(parts)]
-    table = {r: {ab: _pair(plan_args, r, (r - step) % n, *ab) for ab in pairs} for r in ranks}
+    table = {r: {ab: _pair(spec, r, (r - step) % n, *ab) for ab in pairs} for r in ranks}
     live = {r: [ab for ab in pairs if table[r][ab][0] is not EMPTY] for r in ranks}
     common = [ab for ab in pairs if all(ab in live[r] for r in ranks)]
     rest = {r: [ab for ab in live[r] if ab not in common] for r in ranks}
@@ -222,8 +227,8 @@ def make_plan(cp_size: int, seq_len: int, load_balance: str, causal: bool,
     """The plan of CP attention (pure, cached); inputs validated by the caller (the api)."""
     parts = 2 if load_balance == "zigzag" else 1
     c = seq_len // num_chunks(cp_size, load_balance)
-    args = (seq_len, cp_size, load_balance, causal, window, c)
-    steps = tuple(_step_products(args, parts, i) for i in range(cp_size))
+    spec = _PlanInputs(seq_len, cp_size, load_balance, causal, window, c, parts)
+    steps = tuple(_step_products(spec, i) for i in range(cp_size))
     return Plan(cp_size, seq_len, load_balance, causal, window, c, parts, steps)
 
 

@@ -6,11 +6,13 @@ larger pair runs as one XLA ``While`` loop over Q tiles of ``tile_q`` rows, each
 the whole KV block, ``tile_q`` the largest divisor of ``Sq`` with ``tile_q * Sk <= block**2``:
 the graph holds the loop body once, so its size no longer depends on ``S_local``, and the
 scores buffer of one iteration is at most ``B * Hq * block**2 * 4`` bytes. The loop is
-``comm.xla_loop.while_scan`` (torch-xla is called in ``nxd_cp.comm`` only; no autograd: the CP
+``comm.xla_loop.while_scan`` (torch-xla is reached from ``nxd_cp.comm`` only, through
+``nxd_cp.compat.torch_xla``; no autograd: the CP
 algorithms call forward and backward themselves, and torch-xla's public ``scan`` would trace the
 body's autograd and stack its saved activations, every tile's scores, as loop outputs): forward
 loops over Q tiles producing ``out`` / ``lse`` tiles; backward loops over Q tiles too, producing
-``dq`` tiles and accumulating ``dk`` / ``dv`` in the loop carry.
+``dq`` tiles and accumulating ``dk`` / ``dv`` in the loop carry. The body's math is
+``softmax.py``'s (one online-softmax step; the tile gradients), shared with the pure-torch kernel.
 
 Every tensor the loop body reads is a loop input (carry, scanned, or read-only ``consts``: K/V
 and masks), never a closure: a traced closure would be recomputed inside the body (a
@@ -27,10 +29,15 @@ import torch
 from torch import Tensor
 
 from nxd_cp.attention.documents import DocumentMask
-from nxd_cp.attention.kernels import (_KEY_GRAD, _PV, _SCORES, EMPTY_LSE, TorchBlockKernel,
-                                      group_heads, masked_scores, position_rows,
-                                      rows_visible)
+from nxd_cp.attention.kernels import TorchBlockKernel, position_rows, rows_visible
 from nxd_cp.attention.schedule import BlockMask, Visibility, visibility
+from nxd_cp.attention.softmax import (
+    group_heads,
+    masked_scores,
+    softmax_finish,
+    softmax_update,
+    tile_grads,
+)
 from nxd_cp.comm.xla_loop import while_scan
 
 
@@ -74,6 +81,7 @@ class _Masks:
             self.tensors.append(kv_keep)
         if documents is not None:
             self.tensors += [documents.k_ids] + ([documents.k_pos] if documents.window else [])
+            # [B, Sq] -> [Sq, B]: rows are scanned on dim 0
             self.rows += [documents.q_ids.transpose(0, 1)] + (
                 [documents.q_pos.transpose(0, 1)] if documents.window else [])
 
@@ -87,13 +95,13 @@ class _Masks:
                 mask = dataclasses.replace(mask, q_start=tensors.pop(0))
             visible = rows_visible(mask, rows.pop(0), self.sk)
         if self.kv_keep is not None:
-            keep = tensors.pop(0)[:, None, None, None, :]
+            keep = tensors.pop(0)[:, None, None, None, :]  # [B, Sk] -> [B, 1, 1, 1, Sk]
             visible = keep if visible is None else keep & visible
         if self.documents is not None:
             window = self.documents.window
             k_ids = tensors.pop(0)
             k_pos = tensors.pop(0) if window else None
-            q_ids = rows.pop(0).transpose(0, 1)
+            q_ids = rows.pop(0).transpose(0, 1)  # [tq, B] -> [B, tq]
             q_pos = rows.pop(0).transpose(0, 1) if window else None
             same = DocumentMask(q_ids, k_ids, q_pos, k_pos, window).visible(0, q_ids.shape[1],
                                                                             0, self.sk)
@@ -140,16 +148,14 @@ class TileLoopKernel:
         def body(carry, xs, consts):
             kf, vf, extra = consts[0], consts[1], consts[2:]
             visible = masks.visible(extra, xs[1:])
-            s = masked_scores(xs[0], kf, visible)
-            # Rows that see no key: shifted by EMPTY_LSE, exp gives 0 and lse = EMPTY_LSE.
-            shift = s.amax(-1).clamp_min(EMPTY_LSE)
-            p = torch.exp(s - shift.unsqueeze(-1))
-            norm = p.sum(-1).clamp_min(1.0)  # >= 1 on a row that sees a key
-            out = torch.einsum(_PV, p, vf) / norm.unsqueeze(-1)
-            return carry, [out, shift + torch.log(norm)]
+            # One KV tile (the whole block): the online softmax's first and last step.
+            out, lse = softmax_finish(softmax_update(None, masked_scores(xs[0], kf, visible), vf))
+            return carry, [out, lse]
 
+        # Scanned: Q tiles [n, B, Hkv, G, tq, D] and the mask rows [n, tq, ...].
         xs = [_tiles(qs, 3, n)] + [_tiles(r, 0, n) for r in masks.rows]
         _, (out, lse) = while_scan(body, [], xs, [k.float(), v.float()] + masks.tensors)
+        # [n, B, Hkv, G, tq, ...] -> [B, Hkv, G, Sq, ...] -> [B, Hq, Sq, ...]
         return _untile(out, 3).flatten(1, 2), _untile(lse, 3).flatten(1, 2)
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -163,8 +169,9 @@ class TileLoopKernel:
         hkv, sq, sk = k.shape[1], q.shape[2], k.shape[2]
         n = sq // tile_rows(sq, sk, self.block)
         masks = _Masks(mask, kv_keep, documents, sq, sk, q.device)
-        qs = group_heads(q.float() * scale, hkv)
+        qs = group_heads(q.float() * scale, hkv)  # [B, Hkv, G, Sq, D]
         dof = group_heads(dout.float(), hkv)
+        # rowsum(dout * merged out) and the merged lse, [B, Hkv, G, Sq]
         delta = torch.einsum("bhgqd,bhgqd->bhgq", dof, group_heads(out.float(), hkv))
         lse_g = group_heads(lse, hkv)
 
@@ -172,16 +179,13 @@ class TileLoopKernel:
             (dk, dv), (kf, vf), extra = carry, consts[:2], consts[2:]
             qt, dot, lse_t, delta_t = xs[:4]
             visible = masks.visible(extra, xs[4:])
-            p = torch.exp(masked_scores(qt, kf, visible) - lse_t.unsqueeze(-1))
-            ds = p * (torch.einsum(_SCORES, dot, vf) - delta_t.unsqueeze(-1))
-            # qt carries the scale: dk = scale * ds^T q, summed over the query heads.
-            dk = dk + torch.einsum(_KEY_GRAD, ds, qt)
-            dv = dv + torch.einsum(_KEY_GRAD, p, dot)
-            return [dk, dv], [torch.einsum(_PV, ds, kf)]
+            dq_t, dk_t, dv_t = tile_grads(qt, kf, vf, dot, lse_t.unsqueeze(-1),
+                                          delta_t.unsqueeze(-1), visible)
+            return [dk + dk_t, dv + dv_t], [dq_t]
 
         kf, vf = k.float(), v.float()
-        xs = [_tiles(t, 3, n) for t in (qs, dof, lse_g, delta)]
+        xs = [_tiles(t, 3, n) for t in (qs, dof, lse_g, delta)]  # [n, B, Hkv, G, tq, ...]
         xs += [_tiles(r, 0, n) for r in masks.rows]
         (dk, dv), (dq,) = while_scan(body, [torch.zeros_like(kf), torch.zeros_like(vf)], xs,
                                      [kf, vf] + masks.tensors)
-        return _untile(dq, 3).flatten(1, 2) * scale, dk, dv
+        return _untile(dq, 3).flatten(1, 2) * scale, dk, dv  # dq [B, Hq, Sq, D]

@@ -9,6 +9,7 @@ import torch
 
 from nxd_cp.comm.base import ByteTally, GroupSpec, PendingTensor, Transport, count_bytes
 from nxd_cp.comm.torch_dist import TorchDistTransport
+from nxd_cp.comm.xla import XlaTransport  # imports torch-xla only when it traces a collective
 
 
 def get_transport(group: GroupSpec, device: torch.device) -> Transport:
@@ -16,7 +17,6 @@ def get_transport(group: GroupSpec, device: torch.device) -> Transport:
     if not isinstance(group, GroupSpec):
         raise TypeError(f"group must be a GroupSpec, got {type(group).__name__}")
     if torch.device(device).type == "xla":
-        from nxd_cp.comm.xla import XlaTransport  # torch-xla is optional: imported when used
         return XlaTransport(group)
     return TorchDistTransport(group)
 

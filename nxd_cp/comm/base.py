@@ -10,12 +10,12 @@ import functools
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
 from nxd_cp.topology.groups import GroupSpec
+
 
 @functools.lru_cache(maxsize=256)
 def rank_tensor(ranks: Tuple[int, ...], rank: int, device: torch.device) -> torch.Tensor:
@@ -46,7 +46,7 @@ class Transport(ABC):
 
     Shapes: ``all_gather`` concatenates the ranks' tensors along ``dim`` in group order;
     ``reduce_scatter`` sums over the group and returns chunk ``rank`` of ``dim`` (size must
-    divide); ``ring_shift`` sends to group index ``rank + direction`` and receives from
+    divide); ``ring_shift_start`` sends to group index ``rank + direction`` and receives from
     ``rank - direction`` (mod size).
     """
 
@@ -82,9 +82,6 @@ class Transport(ABC):
         if self.group.rank_as_tensor:
             return rank_tensor(self.group.ranks, self.rank, device)
         return self.rank
-
-    def ring_shift(self, x: torch.Tensor, direction: int = 1) -> torch.Tensor:
-        return self.ring_shift_start(x, direction).wait()
 
     # Helpers shared by the implementations.
     def _check_direction(self, direction: int) -> None:

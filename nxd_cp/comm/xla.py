@@ -3,7 +3,9 @@
 On Trainium (torch-neuronx) these lower to Neuron collectives; with torch-xla on CPU they lower
 to HLO, which the tests read (multi-device collectives do not execute on XLA:CPU,
 pytorch/xla#9089). XLA is lazy, so ``ring_shift_start`` already returns the traced result: the
-compiler schedules the collective-permute against the compute around it.
+compiler schedules the collective-permute against the compute around it. torch-xla is optional:
+it is imported (through ``nxd_cp.compat.torch_xla``) when a collective is traced, not when this
+module is imported.
 """
 from __future__ import annotations
 
@@ -12,16 +14,8 @@ from typing import List
 import torch
 
 from nxd_cp.comm.base import PendingTensor, Transport, rank_tensor, record
+from nxd_cp.compat.torch_xla import xla_model as _xm
 from nxd_cp.topology.layout import ring_pairs
-
-
-def _xm():
-    try:
-        import torch_xla.core.xla_model as xm
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError("the XLA transport needs torch-xla (on Trainium: torch-neuronx); "
-                           "install the 'xla' extra or use a CPU/CUDA tensor") from e
-    return xm
 
 
 class XlaTransport(Transport):

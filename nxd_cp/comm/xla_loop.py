@@ -17,14 +17,16 @@ The body is traced once on placeholder tensors into its own computation (a ``cal
 loop body). Tensors it reads besides its arguments must be device data (they become loop
 inputs); a lazily computed closure would be traced into the body and recomputed every trip,
 so pass it in ``consts``. Random numbers in the body are refused (every trip would draw the
-same ones). torch-xla is imported only when a loop is built.
+same ones). torch-xla's builder and lowering internals are reached through
+``nxd_cp.compat.torch_xla`` only; torch-xla is imported only when a loop is built.
 """
 from __future__ import annotations
 
 from typing import Callable, List, Sequence, Tuple
 
-import torch
 from torch import Tensor
+
+from nxd_cp.compat import torch_xla as xla_compat
 
 Body = Callable[[List[Tensor], List[Tensor], List[Tensor]], Tuple[List[Tensor], List[Tensor]]]
 
@@ -32,11 +34,10 @@ Body = Callable[[List[Tensor], List[Tensor], List[Tensor]], Tuple[List[Tensor], 
 def _trace(body: Body, carry, xs, consts):
     """``body`` lowered on placeholders: its computation, the placeholder of every argument
     (carry, x, consts) and the lowering context (parameter ids)."""
-    import torch_xla
-    import torch_xla.core.xla_builder as xb
+    xb = xla_compat.builder()
 
     def placeholder(t: Tensor) -> Tensor:
-        return xb.create_placeholder_tensor(t.shape, t.dtype)
+        return xla_compat.placeholder_tensor(t.shape, t.dtype)
 
     fake = [[placeholder(t) for t in carry], [placeholder(x[0]) for x in xs],
             [placeholder(t) for t in consts]]
@@ -49,10 +50,9 @@ def _trace(body: Body, carry, xs, consts):
                              "its shape and dtype")
     if len(carry_out) != len(carry):
         raise ValueError(f"the loop body returned {len(carry_out)} carries for {len(carry)}")
-    ctx = torch_xla._XLAC.lowering.LoweringContext("LoopBody")
+    ctx = xla_compat.lowering_context("LoopBody")
     ctx.build(carry_out + ys)
-    ids, _ = torch_xla._XLAC._get_tensors_xla_device_data_node(carry_out + ys)
-    if torch_xla._XLAC._get_seed_info_id() in ids:
+    if xla_compat.seed_info_id() in xla_compat.device_data_ids(carry_out + ys):
         raise RuntimeError("the loop body draws random numbers: every trip would draw the same")
     computation = xb.computation_from_module_proto("loop_body", ctx.hlo())
     return computation, fake, ctx, ys
@@ -62,9 +62,7 @@ def while_scan(body: Body, carry: Sequence[Tensor], xs: Sequence[Tensor],
                consts: Sequence[Tensor] = ()) -> Tuple[List[Tensor], List[Tensor]]:
     """Run ``body`` over dim 0 of ``xs`` (at least one, all the same length ``n``) as one XLA
     ``While`` loop. Returns the final ``carry`` and the stacked ``ys`` (``[n, *y.shape]``)."""
-    import torch_xla
-    import torch_xla.core.xla_builder as xb
-
+    xb = xla_compat.builder()
     carry, xs, consts = list(carry), list(xs), list(consts)
     if not xs or len({x.shape[0] for x in xs}) != 1:
         raise ValueError(f"xs must be tensors of one leading length, got shapes "
@@ -135,6 +133,6 @@ def while_scan(body: Body, carry: Sequence[Tensor], xs: Sequence[Tensor],
                    body_computation=xb.create_computation("Body", step, [loop_shape]))
     wanted = list(range(1, 1 + nc)) + list(range(1 + nc + nk + nx, 1 + nc + nk + nx + ny))
     root = xb.Op.tuple([loop.get_tuple_element(k) for k in wanted])
-    outputs = torch_xla._XLAC._xla_user_computation("nxd_cp::while_scan", inputs,
-                                                    root.build("while_scan"))
+    outputs = xla_compat.user_computation("nxd_cp::while_scan", inputs,
+                                          root.build("while_scan"))
     return list(outputs[:nc]), list(outputs[nc:])

@@ -15,6 +15,7 @@ never an ``AttributeError`` deep in a step.
 from __future__ import annotations
 
 import datetime
+import logging
 from typing import Any, Optional, Tuple
 
 import torch
@@ -26,6 +27,16 @@ SUPPORTED = ("2.9",)  # major.minor versions these calls were tested on
 def version_note() -> str:
     tested = ", ".join(SUPPORTED)
     return f"torch {torch.__version__} (nxd_cp.compat.torch is tested on torch {tested}.x)"
+
+
+def is_supported(version: str) -> bool:
+    """Whether ``version`` (e.g. ``"2.9.0+cu128"``) is a major.minor of ``SUPPORTED``."""
+    return ".".join(version.split("+")[0].split(".")[:2]) in SUPPORTED
+
+
+if not is_supported(torch.__version__):
+    logging.getLogger("nxd_cp").warning("nxd_cp: untested %s; its private calls fail with a "
+                                        "RuntimeError naming the missing API", version_note())
 
 
 def _missing(what: str, error: Exception) -> RuntimeError:
@@ -68,6 +79,11 @@ def default_store() -> Optional[Any]:
         return dist.distributed_c10d._get_default_store()
     except (AttributeError, RuntimeError, ValueError):  # no store reachable
         return None
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The in-place modification counter of ``t`` (``Tensor._version``)."""
+    return t._version
 
 
 # --- fused attention ops -------------------------------------------------------------------

@@ -17,6 +17,7 @@ layer's ``position_ids`` and is handed to ``context_parallel_attention``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,13 +31,17 @@ MODULE_ATTR = "nxd_cp_attention"  # CPAttentionConfig set on each attention modu
 
 @dataclass(frozen=True)
 class CPAttentionConfig:
-    """What is particular to one transformed attention module (comm type and layout are the
-    job's: the active CP config, read at every call).
+    """What ``transform`` binds into one attention module: everything its CP attention call
+    needs besides the tensors (nothing is read from a global config per call).
 
-    window_size: sliding window (key j visible to query i iff j <= i and i - j < window), or
-    None for plain causal.
+    comm_type, load_balance: the model's ``ContextParallelConfig`` (``"p2p"`` / ``"all_gather"``;
+    ``"zigzag"`` / ``"contiguous"`` / ``"per_document"``).
+    window_size: sliding window of this layer (key j visible to query i iff j <= i and
+    i - j < window), or None for plain causal.
     """
 
+    comm_type: str = "p2p"
+    load_balance: str = "zigzag"
     window_size: Optional[int] = None
 
 
@@ -63,11 +68,21 @@ def cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         raise NotImplementedError("head_mask is not supported under context parallelism")
     if attention_mask is not None:  # 2-D: checked by the model's forward pre-hook
         attention_mask = attention_mask.to(torch.bool)
-    out = context_parallel_attention(query, key, value, causal=True,
-                                     window_size=cfg.window_size, softmax_scale=scaling,
-                                     key_padding_mask=attention_mask,
-                                     seq_idx=kwargs.get("seq_idx"),
-                                     position_ids=kwargs.get("position_ids"))
+    device = query.device.type
+    autocast = torch.is_autocast_enabled(device)
+    if autocast:
+        # As transformers' attention under autocast: q, k, v in the region's compute dtype
+        # (RoPE hands q / k back in fp32, v comes in bf16); the CP kernels choose their own
+        # precision inside (fp32 partials and merges), autocast off.
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+        out = context_parallel_attention(query, key, value, causal=True,
+                                         comm_type=cfg.comm_type, load_balance=cfg.load_balance,
+                                         window_size=cfg.window_size, softmax_scale=scaling,
+                                         key_padding_mask=attention_mask,
+                                         seq_idx=kwargs.get("seq_idx"),
+                                         position_ids=kwargs.get("position_ids"))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -15,7 +15,7 @@ per TP rank when num_key_value_heads < tp). Differences handled by the spec:
 """
 from __future__ import annotations
 
-import nxd_cp
+from nxd_cp.models.registry import ArchitectureSpec, register_architecture
 
 
 def _sizes(config):
@@ -40,9 +40,9 @@ _LAYOUT = dict(
     row=("self_attn.o_proj", "mlp.down_proj"), kv=("self_attn.k_proj", "self_attn.v_proj"),
     sizes=_sizes, window=_layer_window)
 
-QWEN2 = nxd_cp.register_architecture(nxd_cp.ArchitectureSpec(
+QWEN2 = register_architecture(ArchitectureSpec(
     name="qwen2", class_names=("Qwen2ForCausalLM",), **_LAYOUT))
 
-QWEN3 = nxd_cp.register_architecture(nxd_cp.ArchitectureSpec(
+QWEN3 = register_architecture(ArchitectureSpec(
     name="qwen3", class_names=("Qwen3ForCausalLM",),
     per_head=("self_attn.q_norm", "self_attn.k_norm"), **_LAYOUT))

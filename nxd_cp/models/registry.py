@@ -139,19 +139,16 @@ def register_architecture(spec: ArchitectureSpec, override: bool = False) -> Arc
 
 def supported_architectures() -> List[str]:
     """The registered ``*ForCausalLM`` class names, in registration order."""
-    _load_builtins()
     return list(_REGISTRY)
 
 
 def registered_architectures() -> Dict[str, ArchitectureSpec]:
     """class name -> ``ArchitectureSpec`` (a copy of the registry)."""
-    _load_builtins()
     return dict(_REGISTRY)
 
 
 def architecture_of(model: nn.Module) -> ArchitectureSpec:
     """The spec registered for ``model``'s class (or a base class), else ``ValueError``."""
-    _load_builtins()
     for cls in type(model).__mro__:
         if cls.__name__ in _REGISTRY:
             return _REGISTRY[cls.__name__]
@@ -162,11 +159,6 @@ def architecture_of(model: nn.Module) -> ArchitectureSpec:
         f"embedding=..., layers=..., lm_head=..., attention=..., column=..., row=..., kv=..., "
         f"sizes=...) and call nxd_cp.register_architecture(spec) before transform "
         f"(see docs/models.md, 'Adding a family')")
-
-
-def _load_builtins() -> None:
-    """Import the built-in families: each registers itself through register_architecture."""
-    from nxd_cp.models import llama, gpt_neox, qwen  # noqa: F401  (this order)
 
 
 def check_sizes(spec: ArchitectureSpec, config, tp: int) -> Dict[str, int]:

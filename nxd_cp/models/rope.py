@@ -25,7 +25,8 @@ from torch import nn
 
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
-from nxd_cp.models.common import set_path
+from nxd_cp.compat import transformers as hf_compat
+from nxd_cp.tensor_parallel.partition import set_path
 
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
@@ -34,7 +35,7 @@ LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
 def depends_on_length(rope_type: str) -> bool:
     """True when transformers recomputes this type's frequencies from each batch's positions
     (the rule of ``transformers.modeling_rope_utils.dynamic_rope_update``)."""
-    return "dynamic" in rope_type or rope_type == "longrope"
+    return hf_compat.rope_depends_on_length(rope_type)
 
 
 class GlobalLengthRotary(nn.Module):
@@ -69,10 +70,9 @@ def wrap_length_dependent(model: nn.Module) -> List[str]:
     """Wrap every rotary module of ``model`` whose frequencies depend on the batch's length;
     returns their paths (empty for the static types)."""
     wrapped = []
-    for name, m in list(model.named_modules()):
-        rope_type = getattr(m, "rope_type", None)
-        if (type(m).__name__.endswith("RotaryEmbedding") and isinstance(rope_type, str)
-                and depends_on_length(rope_type)):
+    for name, m in hf_compat.rotary_modules(model):
+        rope_type = hf_compat.rope_type(m)
+        if rope_type is not None and depends_on_length(rope_type):
             set_path(model, name, GlobalLengthRotary(m))
             wrapped.append(name)
     return wrapped

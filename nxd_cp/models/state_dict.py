@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nxd_cp.models.common import Partition, gather_full, partitions
+from nxd_cp.tensor_parallel.partition import Partition, gather_full, partitions
 
 
 def _keep(rank0_only: bool) -> bool:

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from nxd_cp.attention.api import context_parallel_attention
-from nxd_cp.config import ConfigLike, context_parallel_config_of, require_active
+from nxd_cp import parallel_state as ps
+from nxd_cp.config import ConfigLike, context_parallel_config_of
 
 
 class ContextParallelAttention(nn.Module):
@@ -17,11 +18,11 @@ class ContextParallelAttention(nn.Module):
     module once its sequence is split over CP (TransformerEngine's ``DotProductAttention`` with
     a CP group, in NxD terms). No parameters.
 
-    config: None (default): ``comm_type`` and ``load_balance`` of the active CP config
-        (``nxd_cp.config``), read at every forward, so the attention follows the layout
-        ``get_batch_on_this_context_parallel_rank`` shards with. Given (the dict returned by
-        ``nxd_cp.neuronx_distributed_config``, a ``ContextParallelConfig`` or its dict), it must
-        be the active one when the module runs (``RuntimeError`` otherwise).
+    config: ``comm_type`` and ``load_balance``, bound when the module is built: the dict
+        returned by ``nxd_cp.neuronx_distributed_config``, a ``ContextParallelConfig`` or its
+        dict; None (default): the active config at construction. Nothing is read per call:
+        shard batches with the same config (``get_batch_on_this_context_parallel_rank(batch,
+        config=...)``).
     causal: causal mask on global positions. window_size: sliding window (key j visible to
         query i iff j <= i and i - j < window_size; needs causal). softmax_scale: default
         1/sqrt(D). group: None for ``parallel_state``'s CP group, or a GroupSpec / ProcessGroup.
@@ -40,7 +41,8 @@ class ContextParallelAttention(nn.Module):
                  window_size: Optional[int] = None, softmax_scale: Optional[float] = None,
                  group=None):
         super().__init__()
-        self.config = None if config is None else context_parallel_config_of(config)
+        self.config = (ps.get_context_parallel_config() if config is None
+                       else context_parallel_config_of(config))
         if window_size is not None and (not isinstance(window_size, int) or window_size < 1):
             raise ValueError(f"window_size={window_size!r} must be None or an integer >= 1")
         if window_size is not None and not causal:
@@ -52,15 +54,13 @@ class ContextParallelAttention(nn.Module):
                 key_padding_mask: Optional[torch.Tensor] = None,
                 seq_idx: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.config is not None:
-            require_active(self.config, "this ContextParallelAttention")
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             key_padding_mask = key_padding_mask != 0
         return context_parallel_attention(
-            q, k, v, causal=self.causal, window_size=self.window_size,
+            q, k, v, causal=self.causal, comm_type=self.config.comm_type,
+            load_balance=self.config.load_balance, window_size=self.window_size,
             softmax_scale=self.softmax_scale, group=self.group,
             key_padding_mask=key_padding_mask, seq_idx=seq_idx, position_ids=position_ids)
 
     def extra_repr(self) -> str:
-        config = "active" if self.config is None else self.config
-        return f"config={config}, causal={self.causal}, window_size={self.window_size}"
+        return f"config={self.config}, causal={self.causal}, window_size={self.window_size}"

@@ -14,7 +14,7 @@ Hugging Face models) then replaces every instance of exactly that class:
 
 Weights are carried over by name: the replacement must name its parameters and persistent
 buffers as the original does; each gets its part of the original's full tensor as laid out by
-its layer (TP-split, KV-replicated or whole; ``nxd_cp.models.common.partition_of``), so
+its layer (TP-split, KV-replicated or whole; ``nxd_cp.tensor_parallel.partition.partition_of``), so
 ``full_state_dict`` gives back the original's state dict. Replacements are not searched again
 (a registered class inside a replacement stays as the replacement built it).
 """
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from nxd_cp import parallel_state as ps
+from nxd_cp.tensor_parallel.partition import Partition, copy_shard, materialize, partitions
 
 
 @dataclass(frozen=True)
@@ -109,17 +110,14 @@ def register_module(module_cls: type, replacement_cls: type, init_hook: Optional
     a non-module class or a hook whose signature cannot take what it will be given (naming the
     hook and both signatures)."""
     for what, cls in (("module_cls", module_cls), ("replacement_cls", replacement_cls)):
-        # nxd_cp.tensor_parallel.layers' public TP classes build NxD's layer or their ``fallback`` module.
-        if not (isinstance(cls, type) and issubclass(getattr(cls, "fallback", cls), nn.Module)):
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise ValueError(f"register_module: {what}={cls!r} must be a torch.nn.Module "
                              f"subclass")
     for what, fn in (("init_hook", init_hook), ("forward_hook", forward_hook),
                      ("return_hook", return_hook)):
         if fn is not None and not callable(fn):
             raise ValueError(f"register_module: {what}={fn!r} must be callable or None")
-    # Signatures are checked on the fallback of nxd_cp.tensor_parallel.layers' NxD-or-fallback classes (NxD's
-    # layers take the same arguments).
-    checked = getattr(replacement_cls, "fallback", replacement_cls)
+    checked = replacement_cls
     if init_hook is not None:
         _check_one_argument(init_hook, "init_hook", f"the {module_cls.__name__} instance")
     else:
@@ -200,8 +198,6 @@ def _build(reg: ModuleRegistration, original: nn.Module, path: str) -> nn.Module
 @torch.no_grad()
 def _carry_weights(original: nn.Module, new: nn.Module, path: str) -> None:
     """Give ``new`` this rank's part of every tensor of ``original``'s state dict."""
-    from nxd_cp.models.common import Partition, copy_shard, materialize, partitions
-
     full = original.state_dict()
     target = new.state_dict(keep_vars=True)
     if sorted(full) != sorted(target):

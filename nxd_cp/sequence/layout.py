@@ -1,4 +1,7 @@
-"""Sequence layouts of context parallelism: which tokens each CP rank holds.
+"""Sequence layouts of context parallelism: which tokens each CP rank holds, and the
+divisibility rules of the sequence (``check_sequence_length`` for the layouts,
+``check_sequence_split`` for sequence parallelism): every check of a sequence length calls one
+of these.
 
 ``zigzag`` (load-balanced for causal masks; TransformerEngine's DualChunkSwap): the sequence is
 cut into ``2*cp`` equal chunks and CP rank ``r`` holds chunks ``r`` and ``2*cp-1-r``, in that
@@ -26,10 +29,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from nxd_cp.comm import get_transport
-from nxd_cp.comm.autograd import all_gather
 from nxd_cp.config import LOAD_BALANCES
-from nxd_cp.parallel_state import resolve_group
 _TWO_PARTS = ("zigzag", "per_document")  # 2*cp chunks (slots), two per rank
 
 
@@ -53,6 +53,14 @@ def check_sequence_length(seq_len: int, cp_size: int, load_balance: str,
         rule = ("2*context_parallel_size" if load_balance in _TWO_PARTS
                 else "context_parallel_size")
         raise ValueError(f"{what} {seq_len} is not divisible by {rule}={n} ({load_balance})")
+
+
+def check_sequence_split(local_len: int, tp: int) -> None:
+    """Sequence parallelism: ``ValueError`` unless the local sequence ``S/cp`` splits over the
+    ``tp`` ranks of the TP group (each holds ``S/(cp*tp)`` tokens between the TP regions)."""
+    if local_len % tp:
+        raise ValueError(f"sequence_parallel=True: the local sequence length S/cp={local_len} is "
+                         f"not divisible by tensor_model_parallel_size={tp}")
 
 
 def rank_chunks(cp_rank: int, cp_size: int, load_balance: str = "zigzag") -> List[int]:
@@ -167,18 +175,3 @@ def reorder_gathered(x: torch.Tensor, dim: int, cp_size: int,
         for j, g in enumerate(rank_chunks(r, cp_size, load_balance)):
             order[g] = chunks[2 * r + j]
     return torch.cat(order, dim=dim)
-
-
-def unshard_sequence(local: torch.Tensor, dim: int, group=None,
-                     load_balance: str = "zigzag",
-                     seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """All-gather the shards of the CP group and return the full sequence in order.
-
-    ``group``: a ``GroupSpec`` or None for the CP group of ``parallel_state``; ``seq_idx``
-    ``[B, S]``: the full row's documents (``per_document``). Differentiable: the gradient of the
-    full sequence is reduce-scattered back to the shards.
-    """
-    spec = resolve_group(group)
-    transport = get_transport(spec, local.device)
-    gathered = all_gather(local, dim, transport)
-    return reorder_gathered(gathered, dim, spec.size, load_balance, seq_idx)

@@ -9,7 +9,9 @@ transformers' formats, all read on the *full* row before it is sharded (any one 
   every row boundary ``k*S`` must be a document boundary;
 * ``position_ids`` ``[B, S]`` restarting at each document (the collator's default output): a
   document starts wherever ``position_ids[i] != position_ids[i-1] + 1`` (transformers' own rule,
-  ``masking_utils.find_packed_sequence_indices``). Rows whose positions never restart are one
+  ``masking_utils.find_packed_sequence_indices``), and, as in transformers, only when the batch
+  has no ``attention_mask``: with one, positions that jump (PoSE-style skipped positions for
+  long-context training) stay one document. Rows whose positions never restart are one
   document, and a batch without any restart is not packed.
 
 ``document_ids`` turns any of them into canonical ids (``0, 1, ...`` per row, int32 ``[B, S]``);
@@ -108,7 +110,8 @@ def document_ids(batch: Mapping[str, Any], batch_size: int,
         if batch.get(name) is not None:
             found[name] = _from_cu_seq_lens(name, batch[name], shape)
     position_ids = batch.get("position_ids")
-    if not found and isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+    if (not found and isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2
+            and batch.get("attention_mask") is None):  # transformers' rule
         ids = _from_position_ids(position_ids, shape)
         return ids if bool((ids[:, -1] > 0).any()) else None
     if not found:

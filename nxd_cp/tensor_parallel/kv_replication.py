@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nxd_cp.comm import autograd as cg
-from nxd_cp.tensor_parallel.layers import _default_linear_init, _init_shard, _TPLayer
+from nxd_cp.tensor_parallel.common import TPLayer, default_linear_init, init_shard
 
 
 class _SumOverReplicas(torch.autograd.Function):
@@ -43,7 +43,7 @@ class _SumOverReplicas(torch.autograd.Function):
         return (ctx.transport.all_reduce(mine * g) * mine).sum(0), None, None, None
 
 
-class ReplicatedKVLinear(_TPLayer):
+class ReplicatedKVLinear(TPLayer):
     """K or V projection when there are fewer KV heads than TP ranks (tp % num_kv_heads == 0).
 
     TP rank r holds the rows of KV head ``r // (tp / num_kv_heads)`` (the head its local query
@@ -67,8 +67,8 @@ class ReplicatedKVLinear(_TPLayer):
         self.head = self._tp.rank // self.replicas
         self.weight = nn.Parameter(torch.empty(head_dim, input_size, dtype=dtype, device=device))
         self.weight.nxd_cp_kv_replicas = self.replicas
-        _init_shard(self.weight, (num_kv_heads * head_dim, input_size), 0, self.head,
-                    num_kv_heads, init_method or _default_linear_init)
+        init_shard(self.weight, (num_kv_heads * head_dim, input_size), 0, self.head,
+                    num_kv_heads, init_method or default_linear_init)
         if bias:
             self.bias = nn.Parameter(torch.zeros(head_dim, dtype=dtype, device=device))
             self.bias.nxd_cp_kv_replicas = self.replicas
@@ -85,7 +85,8 @@ class ReplicatedKVLinear(_TPLayer):
             w = _SumOverReplicas.apply(w, head, self.num_kv_heads, t)
             b = None if b is None else _SumOverReplicas.apply(b, head, self.num_kv_heads, t)
         x = x if self.input_communicated else cg.copy_to_group(x, t)
-        return getattr(x, "nxd_cp_linear", F.linear)(x, w, b)
+        linear = F.linear if self.sequence_regather is None else self.sequence_regather.linear
+        return linear(x, w, b)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, kv head {self.head} of {self.num_kv_heads}, "

@@ -1,12 +1,9 @@
-"""Tensor-parallel layers: NxD's when NxD is in charge, else a fallback with NxD's signatures.
+"""nxd_cp's tensor-parallel layers, with NxD's names, constructor signatures and layouts.
 
-``ColumnParallelLinear``, ``RowParallelLinear`` and ``ParallelEmbedding`` decide *when a layer
-is built* (never at import time), by asking ``parallel_state.nxd_in_charge()``: NeuronX
-Distributed's own class then, else the fallback below, built on ``nxd_cp.comm.autograd`` so it
-runs on gloo, NCCL and XLA. ``isinstance(m, ColumnParallelLinear)`` is true for both. Built by
-NxD, a ``ParallelEmbedding`` gets back the ``padding_idx`` NxD drops when it is 0 (NxD tests
-``if padding_idx and ...``), so the pad row gets no gradient, as in ``nn.Embedding``.
-``parallel_cross_entropy`` lives in ``nxd_cp.training.loss``. The fallbacks take NxD's constructor
+``ColumnParallelLinear``, ``RowParallelLinear`` and ``ParallelEmbedding`` are plain classes
+(subclass them freely), built on ``nxd_cp.comm.autograd`` so they run on gloo, NCCL and XLA.
+Which layers a model is built from -- NxD's own when NxD is in charge, else these -- is decided
+once, by ``tensor_parallel.factory.tensor_parallel_layers``. They take NxD's constructor
 arguments for the subset nxd_cp uses and lay parameters out as NxD does:
 
 | layer                 | weight shard       | bias                                         |
@@ -17,9 +14,9 @@ arguments for the subset nxd_cp uses and lay parameters out as NxD does:
 
 Full-size biases are added after the gather / all-reduce. Sharded parameters carry NxD's
 attributes ``tensor_model_parallel=True``, ``partition_dim``, ``partition_stride=1`` and
-``num_partitions`` (``nxd_cp.models.common.partition_of`` reads the layout from the layer type
-first, as these attributes do not survive ``.to("xla")``). Rank ``r`` of the TP group holds the
-contiguous chunk ``r`` of the partition dim (stride 1).
+``num_partitions`` (``tensor_parallel.partition.partition_of`` reads the layout from the layer
+type first, as these attributes do not survive ``.to("xla")``). Rank ``r`` of the TP group holds
+the contiguous chunk ``r`` of the partition dim (stride 1).
 
 SP (``sequence_parallel_enabled``, NxD's semantics): column layers all-gather the input on
 ``sequence_dimension`` (default 0; backward reduce-scatter), row layers reduce-scatter the output
@@ -28,20 +25,15 @@ SP (``sequence_parallel_enabled``, NxD's semantics): column layers all-gather th
 """
 from __future__ import annotations
 
-import importlib
-import inspect
-import math
-import sys
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nxd_cp import parallel_state as ps
-from nxd_cp.comm import get_transport
 from nxd_cp.comm import autograd as cg
-from nxd_cp.training.loss import fallback_parallel_cross_entropy, parallel_cross_entropy  # noqa: F401
+from nxd_cp.tensor_parallel.common import (TPLayer, default_linear_init, divide, init_shard,
+                                           mark_parallel)
 
 
 def _no_sequence_parallel(enabled: bool, layer: str) -> None:
@@ -51,51 +43,7 @@ def _no_sequence_parallel(enabled: bool, layer: str) -> None:
             "it in its linear layers only (nxd_cp.transform scatters the embedding output)")
 
 
-def _mark_parallel(p: nn.Parameter, dim: int, tp: int) -> None:
-    p.tensor_model_parallel = True
-    p.partition_dim = dim
-    p.partition_stride = 1
-    p.num_partitions = tp
-
-
-def _divide(n: int, tp: int, what: str) -> int:
-    if n % tp:
-        raise ValueError(f"{what}={n} is not divisible by tensor_model_parallel_size={tp}")
-    return n // tp
-
-
-def _default_linear_init(w: torch.Tensor) -> None:
-    nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Linear's default
-
-
-def _init_shard(param: nn.Parameter, full_shape, dim: int, rank: int, tp: int,
-                init_method: Callable) -> Optional[torch.Tensor]:
-    """Initialise the full (master) weight with ``init_method`` and keep chunk ``rank`` of it, so
-    the model does not depend on tp (NxD's CPU initialisation does the same). Returns the
-    master weight (None on the meta device): NxD's ``keep_master_weight`` keeps it."""
-    if param.device.type == "meta":
-        return None
-    master = torch.empty(full_shape, dtype=param.dtype)
-    init_method(master)
-    with torch.no_grad():
-        param.copy_(master.chunk(tp, dim=dim)[rank])
-    return master
-
-
-class _TPLayer(nn.Module):
-    def __init__(self, group):
-        super().__init__()
-        self._tp = ps.resolve_group(group, kind="tensor")
-
-    @property
-    def tensor_parallel_size(self) -> int:
-        return self._tp.size
-
-    def _transport(self, x: torch.Tensor):
-        return get_transport(self._tp, x.device)
-
-
-class FallbackColumnParallelLinear(_TPLayer):
+class ColumnParallelLinear(TPLayer):
     """``y = x W^T + b`` with W split by output features over TP.
 
     x ``[..., in]`` (replicated over TP; its gradient is all-reduced) ->
@@ -118,22 +66,22 @@ class FallbackColumnParallelLinear(_TPLayer):
                 f"options; got stride={stride}, pad={pad}, {sorted(unsupported)}")
         tp, rank = self._tp.size, self._tp.rank
         self.input_size, self.output_size = input_size, output_size
-        self.output_size_per_partition = _divide(output_size, tp, "output_size")
+        self.output_size_per_partition = divide(output_size, tp, "output_size")
         self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
         self.sequence_parallel_enabled = sequence_parallel_enabled
         self.sequence_dimension = sequence_dimension or 0  # NxD's default
         self.input_communicated = False
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size,
                                                dtype=dtype, device=device))
-        _mark_parallel(self.weight, 0, tp)
-        master = _init_shard(self.weight, (output_size, input_size), 0, rank, tp,
-                             init_method or _default_linear_init)
+        mark_parallel(self.weight, 0, tp)
+        master = init_shard(self.weight, (output_size, input_size), 0, rank, tp,
+                             init_method or default_linear_init)
         self.master_weight = master if keep_master_weight else None  # NxD's attribute
         if bias:
             n = output_size if gather_output else self.output_size_per_partition
             self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
             if not gather_output:
-                _mark_parallel(self.bias, 0, tp)
+                mark_parallel(self.bias, 0, tp)
         else:
             self.register_parameter("bias", None)
 
@@ -143,7 +91,8 @@ class FallbackColumnParallelLinear(_TPLayer):
         if not self.input_communicated:
             x = (cg.all_gather(x, self.sequence_dimension, t) if self.sequence_parallel_enabled
                  else cg.copy_to_group(x, t))
-        y = getattr(x, "nxd_cp_linear", F.linear)(x, self.weight, local_bias)
+        linear = F.linear if self.sequence_regather is None else self.sequence_regather.linear
+        y = linear(x, self.weight, local_bias)
         if self.gather_output:
             y = cg.gather_from_group(y, -1, t)
             if self.bias is not None and not self.skip_bias_add:
@@ -155,7 +104,7 @@ class FallbackColumnParallelLinear(_TPLayer):
                 f"{self.output_size_per_partition}), gather_output={self.gather_output}")
 
 
-class FallbackRowParallelLinear(_TPLayer):
+class RowParallelLinear(TPLayer):
     """``y = x W^T + b`` with W split by input features over TP.
 
     x ``[..., in/tp]`` with ``input_is_parallel=True`` (else ``[..., in]``, scattered here) ->
@@ -182,16 +131,16 @@ class FallbackRowParallelLinear(_TPLayer):
                 f"options; got stride={stride}, pad={pad}, {sorted(unsupported)}")
         tp, rank = self._tp.size, self._tp.rank
         self.input_size, self.output_size = input_size, output_size
-        self.input_size_per_partition = _divide(input_size, tp, "input_size")
+        self.input_size_per_partition = divide(input_size, tp, "input_size")
         self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
         self.reduce_output = reduce_output
         self.sequence_parallel_enabled = sequence_parallel_enabled
         self.sequence_dimension = sequence_dimension or 0  # NxD's default
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition,
                                                dtype=dtype, device=device))
-        _mark_parallel(self.weight, 1, tp)
-        master = _init_shard(self.weight, (output_size, input_size), 1, rank, tp,
-                             init_method or _default_linear_init)
+        mark_parallel(self.weight, 1, tp)
+        master = init_shard(self.weight, (output_size, input_size), 1, rank, tp,
+                             init_method or default_linear_init)
         self.master_weight = master if keep_master_weight else None  # NxD's attribute
         if bias:
             self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device))
@@ -217,7 +166,7 @@ class FallbackRowParallelLinear(_TPLayer):
                 f"out={self.output_size}, input_is_parallel={self.input_is_parallel}")
 
 
-class FallbackParallelEmbedding(_TPLayer):
+class ParallelEmbedding(TPLayer):
     """Embedding split over TP by vocabulary (default) or by embedding dim.
 
     ids ``[...]`` (int, replicated over TP) -> ``[..., H]``. Vocab-parallel: rank r holds rows
@@ -244,21 +193,21 @@ class FallbackParallelEmbedding(_TPLayer):
         self.shard_across_embedding = shard_across_embedding
         self.padding_idx = padding_idx
         if shard_across_embedding:
-            shape, dim = (num_embeddings, _divide(embedding_dim, tp, "embedding_dim")), 1
+            shape, dim = (num_embeddings, divide(embedding_dim, tp, "embedding_dim")), 1
             self.start_index, self.end_index = 0, num_embeddings
         else:
-            per = _divide(num_embeddings, tp, "num_embeddings")
+            per = divide(num_embeddings, tp, "num_embeddings")
             shape, dim = (per, embedding_dim), 0
             self.start_index, self.end_index = rank * per, (rank + 1) * per
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
-        _mark_parallel(self.weight, dim, tp)
+        mark_parallel(self.weight, dim, tp)
 
         def init(w):
             init_method(w)
             if padding_idx is not None:
                 with torch.no_grad():
                     w[padding_idx].zero_()
-        _init_shard(self.weight, (num_embeddings, embedding_dim), dim, rank, tp, init)
+        init_shard(self.weight, (num_embeddings, embedding_dim), dim, rank, tp, init)
 
     def _local_padding_idx(self) -> Optional[int]:
         p = self.padding_idx
@@ -303,74 +252,11 @@ class FallbackParallelEmbedding(_TPLayer):
                 f"{self.end_index}), shard_across_embedding={self.shard_across_embedding}")
 
 
-def _nxd_layer_class(name: str, built: bool = False):
-    """NxD's layer class ``name``: when NxD is in charge, or (``built``) when NxD's layers are
-    already imported (for isinstance on a layer built earlier); else None."""
-    module = "neuronx_distributed.parallel_layers.layers"
-    if built:
-        return getattr(sys.modules[module], name) if module in sys.modules else None
-    if not ps.nxd_in_charge():
-        return None
-    return getattr(importlib.import_module(module), name)
-
-
-def _restore_padding_idx(layer: nn.Module, padding_idx: Optional[int]) -> nn.Module:
-    """Give NxD's ParallelEmbedding the ``padding_idx`` it drops when it is 0 (local index on
-    the TP rank holding that row; NxD's forward passes ``self.padding_idx`` to F.embedding)."""
-    if padding_idx is None or getattr(layer, "padding_idx", None) is not None:
-        return layer
-    if layer.shard_across_embedding:
-        layer.padding_idx = padding_idx
-    elif layer.start_index <= padding_idx < layer.end_index:
-        layer.padding_idx = padding_idx - layer.start_index
-    return layer
-
-
-class _NxDOrFallback(type):
-    """Metaclass of the public layer names: calling one builds NxD's layer when NxD is in charge
-    (asked at that moment), else the fallback; ``isinstance`` accepts both."""
-
-    def __call__(cls, *args, **kwargs):
-        nxd = _nxd_layer_class(cls.__name__)
-        if nxd is None:
-            return cls.fallback(*args, **kwargs)
-        layer = nxd(*args, **kwargs)
-        if cls.__name__ == "ParallelEmbedding":
-            bound = inspect.signature(nxd).bind_partial(*args, **kwargs).arguments
-            layer = _restore_padding_idx(layer, bound.get("padding_idx"))
-        return layer
-
-    def __instancecheck__(cls, obj):
-        nxd = _nxd_layer_class(cls.__name__, built=True)
-        return isinstance(obj, cls.fallback) or (nxd is not None and isinstance(obj, nxd))
-
-
-class ColumnParallelLinear(metaclass=_NxDOrFallback):
-    """NxD's ColumnParallelLinear when NxD is in charge, else ``FallbackColumnParallelLinear``."""
-    fallback = FallbackColumnParallelLinear
-
-
-class RowParallelLinear(metaclass=_NxDOrFallback):
-    """NxD's RowParallelLinear when NxD is in charge, else ``FallbackRowParallelLinear``."""
-    fallback = FallbackRowParallelLinear
-
-
-class ParallelEmbedding(metaclass=_NxDOrFallback):
-    """NxD's ParallelEmbedding (``padding_idx`` restored) when NxD is in charge, else
-    ``FallbackParallelEmbedding``."""
-    fallback = FallbackParallelEmbedding
-
-
-def __getattr__(name: str):
-    if name == "ReplicatedKVLinear":  # its own module; imported here lazily (it builds on _TPLayer)
-        from nxd_cp.tensor_parallel.kv_replication import ReplicatedKVLinear
-        return ReplicatedKVLinear
-    if name == "USING_NXD":  # read at each access: NxD is in charge or not at that moment
-        return ps.nxd_in_charge()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+# The names of the fallback before the factory existed (kept: tests and users import them).
+FallbackColumnParallelLinear = ColumnParallelLinear
+FallbackRowParallelLinear = RowParallelLinear
+FallbackParallelEmbedding = ParallelEmbedding
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding",
-           "parallel_cross_entropy", "USING_NXD", "FallbackColumnParallelLinear",
-           "FallbackRowParallelLinear", "FallbackParallelEmbedding",
-           "fallback_parallel_cross_entropy", "ReplicatedKVLinear"]
+           "FallbackColumnParallelLinear", "FallbackRowParallelLinear",
+           "FallbackParallelEmbedding"]

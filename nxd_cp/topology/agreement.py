@@ -23,8 +23,7 @@ import json
 from datetime import timedelta
 from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
-import torch.distributed as dist
-
+from nxd_cp.compat import torch as torch_compat
 from nxd_cp.topology.groups import GroupSpec
 
 _KEY_PREFIX = "nxd_cp/agree"
@@ -32,16 +31,6 @@ _KEY_PREFIX = "nxd_cp/agree"
 # (the store key of the next one). Pure caches: clearing them only costs a re-check.
 _AGREED: Set[Tuple] = set()
 _ROUNDS: Dict[Tuple, int] = {}
-
-
-def _default_store():
-    """torch.distributed's key-value store of the default process group, or None."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except (AttributeError, RuntimeError, ValueError):  # no store reachable: nothing to compare
-        return None
 
 
 def _as_text(value: Any) -> str:
@@ -71,7 +60,7 @@ def check_group_agreement(call: str, fields: Mapping[str, Any], group: GroupSpec
     signature = (call, group.ranks, tuple(mine.items()))
     if signature in _AGREED:
         return
-    store = _default_store()
+    store = torch_compat.default_store()
     if store is None:
         return
     round_key = (call, group.ranks)

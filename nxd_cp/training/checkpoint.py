@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 
 from nxd_cp import parallel_state as ps
-from nxd_cp.config import get_context_parallel_config
 
 METADATA = "metadata.json"
 DONE = "done"
@@ -54,6 +53,13 @@ FORMAT = 1
 def _shard_file(kind: str) -> str:
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     return os.path.join(kind, f"dp_rank_00_tp_rank_{tp:02d}_pp_rank_{pp:02d}.pt")
+
+
+def _context_parallel_config(model) -> Dict[str, Any]:
+    """The comm type and layout the model was built with (``transform`` binds them), else the
+    active config's."""
+    bound = (getattr(model, "nxd_cp_config", None) or {}).get("context_parallel_config")
+    return dict(bound) if bound is not None else ps.get_context_parallel_config().to_dict()
 
 
 def _layout() -> Dict[str, int]:
@@ -159,7 +165,7 @@ def save_checkpoint(checkpoint_dir_str: str, tag: str, model=None, optimizer=Non
         meta = {"format": FORMAT, "tag": tag, "layout": _layout(), "step": step,
                 "data_position": data_position,
                 "nxd_cp_config": getattr(model, "nxd_cp_config", None),
-                "context_parallel_config": get_context_parallel_config().to_dict(),
+                "context_parallel_config": _context_parallel_config(model),
                 "model_config": _model_config(model),
                 "saved": {"model": model is not None, "optimizer": optimizer is not None,
                           "scheduler": scheduler is not None}}

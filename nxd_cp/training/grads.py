@@ -24,10 +24,17 @@ Which to call -- exactly one reduction per step:
 
 NxD's own ``grads.allreduce_context_parallel_gradients(optimizer)`` *averages* over CP (its step
 follows it with the DP x CP sum); this module's function of that name *sums* over CP.
+
+Sequence parallelism (SP) inside TP adds one more reduction: parameters used on
+sequence-sharded activations (norms, the bias of a sequence-parallel row layer) carry
+``sequence_parallel_enabled`` and get only their tokens' share of the gradient, summed over TP
+by ``allreduce_sequence_parallel_gradients`` (NxD's name) once per step, unless NxD's optimizer
+with ``sequence_parallel=True`` in its config does it.
 """
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import defaultdict
 from typing import Iterable, List, Union
 
@@ -36,6 +43,8 @@ from torch import nn
 
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
+from nxd_cp.compat import nxd as nxd_compat
+from nxd_cp.compat import torch as torch_compat
 
 logger = logging.getLogger(__name__)
 _WARNED = []
@@ -46,7 +55,7 @@ ModelOrParams = Union[nn.Module, torch.optim.Optimizer, Iterable[torch.Tensor]]
 def _check_not_nxd_optimizer(model_or_params: ModelOrParams, name: str) -> None:
     """RuntimeError for an NxD optimizer (its step reduces already); a one-time warning when
     NxD is in charge (its optimizer would reduce the same gradients again)."""
-    if any(c.__name__ == "NxDOptimizer" for c in type(model_or_params).__mro__):
+    if nxd_compat.is_nxd_optimizer(model_or_params):
         raise RuntimeError(
             f"{name}(optimizer) got NxD's optimizer: NxDOptimizer.step() already reduces the "
             "gradients over DP x CP (net sum over CP, mean over DP); reducing here too would make "
@@ -108,9 +117,14 @@ def allreduce_context_parallel_gradients(model_or_params: ModelOrParams) -> None
     ``model_or_params``: a module, an optimizer or an iterable of parameters. Call after
     ``loss.backward()`` with the loss of ``context_parallel_cross_entropy`` (or of a model
     from ``nxd_cp.transform``), before clipping and ``optimizer.step()``. No-op when cp == 1.
+    A model from ``transform`` with ``sequence_parallel=True`` also gets its SP reduction here
+    (``allreduce_sequence_parallel_gradients``), exactly once per backward: one call is the
+    whole gradient reduction of a step.
     """
     _check_not_nxd_optimizer(model_or_params, "allreduce_context_parallel_gradients")
+    _reduce_sequence_parallel_once(model_or_params)
     _all_reduce_grads(_grads(model_or_params), "context", 1.0)
+    _mark_sequence_parallel_reduced(model_or_params)
 
 
 @torch.no_grad()
@@ -119,9 +133,99 @@ def allreduce_data_context_parallel_gradients(model_or_params: ModelOrParams,
     """Sum the gradients over CP and average them over DP, in one all-reduce over DP x CP.
 
     With ``average_over_dp=False`` the gradients are summed over DP as well (for a loss that is
-    already divided by the DP-global token count).
+    already divided by the DP-global token count). A model with ``sequence_parallel=True`` gets
+    its SP reduction too, once (as ``allreduce_context_parallel_gradients``).
     """
     _check_not_nxd_optimizer(model_or_params, "allreduce_data_context_parallel_gradients")
     dp = ps.get_data_parallel_size()
     scale = 1.0 / dp if average_over_dp else 1.0
+    _reduce_sequence_parallel_once(model_or_params)
     _all_reduce_grads(_grads(model_or_params), "data_context", scale)
+    _mark_sequence_parallel_reduced(model_or_params)
+
+
+def _sequence_parallel_grads(model_or_params: ModelOrParams) -> List[torch.Tensor]:
+    cfg = getattr(model_or_params, "nxd_cp_config", None)
+    if isinstance(model_or_params, nn.Module) and cfg is not None:
+        # By name: attributes do not survive .to("xla") (new Parameter objects).
+        names = set(cfg.get("sequence_parallel_parameters", ()))
+        return _grads([p for n, p in model_or_params.named_parameters() if n in names])
+    return _grads(model_or_params, keep=lambda p: getattr(p, "sequence_parallel_enabled", False))
+
+
+def _check_not_reduced_by_nxd(model_or_params: ModelOrParams) -> None:
+    """``RuntimeError`` for NxD's optimizer when its step reduces these gradients already."""
+    if (nxd_compat.is_nxd_optimizer(model_or_params)
+            and nxd_compat.nxd_optimizer_config(model_or_params).get("sequence_parallel")):
+        raise RuntimeError(
+            "allreduce_sequence_parallel_gradients(optimizer) got NxD's optimizer with "
+            "sequence_parallel=True in its config: NxDOptimizer.step() already all-reduces the "
+            "sequence-parallel parameters' gradients over TP; reducing here too would make them "
+            "tensor_model_parallel_size times too large. Call nothing before optimizer.step().")
+
+
+@torch.no_grad()
+def allreduce_sequence_parallel_gradients(model_or_params: ModelOrParams) -> None:
+    """Sum over TP, in place, the gradients of the sequence-parallel parameters (NxD's name).
+
+    ``model_or_params``: a model from ``nxd_cp.transform`` with ``sequence_parallel=True`` in
+    the config (its parameters are found by name), or a module / optimizer / iterable whose
+    parameters carry ``sequence_parallel_enabled = True``. One all-reduce per (dtype, device); a
+    no-op at tp == 1 or when no parameter is sequence-parallel. Not with NxD's optimizer when its
+    config has ``sequence_parallel=True`` (its step reduces them: ``RuntimeError``). With
+    ``sequence_parallel=False`` in NxD's config its step does not reduce them: call this. Move
+    the model to XLA with NxD's ``move_model_to_device`` (it keeps the attribute; a plain
+    ``.to("xla")`` makes new Parameters without it, so NxD's step would skip them).
+    """
+    _check_not_reduced_by_nxd(model_or_params)
+    if _is_transformed(model_or_params):
+        _reduce_sequence_parallel_once(model_or_params)
+        return
+    grads = _sequence_parallel_grads(model_or_params)
+    if grads and ps.get_tensor_model_parallel_size() > 1:
+        _all_reduce_grads(grads, "tensor", 1.0)
+
+
+# A transformed model remembers which of its SP gradient tensors it has reduced, by identity
+# (weak reference) and in-place version: a new backward makes new gradients or bumps their
+# version, so "reduced" never outlives the gradients it was true of.
+_SP_MARKS = "_nxd_cp_sequence_parallel_reduced"
+
+
+def _is_transformed(model_or_params: ModelOrParams) -> bool:
+    return isinstance(model_or_params, nn.Module) and isinstance(
+        getattr(model_or_params, "nxd_cp_config", None), dict)
+
+
+def _sp_grads_of(model: nn.Module) -> List[torch.Tensor]:
+    if not model.nxd_cp_config.get("sequence_parallel") or (
+            ps.get_tensor_model_parallel_size() == 1):
+        return []
+    return _sequence_parallel_grads(model)
+
+
+def _is_marked(model: nn.Module, grads: List[torch.Tensor]) -> bool:
+    marks = model.__dict__.get(_SP_MARKS)
+    if not marks or len(marks) != len(grads):
+        return False
+    return all(ref() is g and version == torch_compat.tensor_version(g)
+               for (ref, version), g in zip(marks, grads))
+
+
+def _mark_sequence_parallel_reduced(model_or_params: ModelOrParams) -> None:
+    """After an in-place reduction of a transformed model's gradients: record the SP ones as
+    reduced (their versions changed)."""
+    if _is_transformed(model_or_params):
+        grads = _sp_grads_of(model_or_params)
+        model_or_params.__dict__[_SP_MARKS] = [
+            (weakref.ref(g), torch_compat.tensor_version(g)) for g in grads]
+
+
+def _reduce_sequence_parallel_once(model_or_params: ModelOrParams) -> None:
+    """The SP reduction of a transformed model, unless done since its last backward."""
+    if not _is_transformed(model_or_params):
+        return
+    grads = _sp_grads_of(model_or_params)
+    if grads and not _is_marked(model_or_params, grads):
+        _all_reduce_grads(grads, "tensor", 1.0)
+        _mark_sequence_parallel_reduced(model_or_params)

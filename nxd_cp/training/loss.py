@@ -17,9 +17,8 @@ gradients itself to exactly that: it averages over CP, then sums over NxD's DP x
 divides by dp, a net *sum over CP* and mean over DP. So call no gradient reduction of
 ``nxd_cp.training.grads`` then (see there).
 
-``parallel_cross_entropy`` is NxD's when NxD is in charge, called on an fp32 *copy* of the
-logits (NxD's subtracts the row max from its input in place, which would corrupt the model's
-``logits`` and break autograd), else ``fallback_parallel_cross_entropy``.
+The vocab-parallel per-token loss is ``tensor_parallel.cross_entropy.parallel_cross_entropy``
+(NxD's when NxD is in charge, else nxd_cp's fallback).
 """
 from __future__ import annotations
 
@@ -30,62 +29,16 @@ import torch
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
 from nxd_cp.comm import autograd as cg
+from nxd_cp.sequence.validation import num_items_error
+from nxd_cp.tensor_parallel.cross_entropy import parallel_cross_entropy
 
 
-def fallback_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor,
-                                    target: torch.Tensor) -> torch.Tensor:
-    """Per-token cross entropy of logits split by vocabulary over TP.
-
-    vocab_parallel_logits ``[..., V/tp]`` (rank r holds columns ``[r*V/tp, (r+1)*V/tp)``),
-    target ``[...]`` in ``[0, V)`` -> loss ``[...]`` (fp32), identical on every TP rank. The
-    gradient is the local slice of ``softmax - onehot``: the sums are reduced with
-    ``reduce_from_group`` whose backward is the identity, right because every TP rank computes
-    the same loss from them.
-    """
-    spec = ps.get_group_spec("tensor")
-    t = get_transport(spec, vocab_parallel_logits.device)
-    logits = vocab_parallel_logits.float()
-    per = logits.shape[-1]
-    # The max only stabilises the exponent; gathering [.., tp] maxima avoids a max all-reduce.
-    with torch.no_grad():  # amax, not max: no int64 argmax in the graph
-        local_max = logits.amax(dim=-1, keepdim=True)
-        m = cg.gather_from_group(local_max, -1, t).amax(dim=-1, keepdim=True)
-    shifted = logits - m
-    sum_exp = cg.reduce_from_group(shifted.exp().sum(dim=-1), t)
-    # The range start is device data (one graph on every TP rank); index arithmetic in int32.
-    local_t = target.to(torch.int32) - t.rank_value(logits.device) * per
-    inside = (local_t >= local_t.new_zeros(())) & (local_t < local_t.new_full((), per))
-    local_t = torch.where(inside, local_t, torch.zeros_like(local_t))
-    picked = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)
-    picked = cg.reduce_from_group(picked * inside, t)
-    return sum_exp.log() - picked
-
-
-
-def parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: torch.Tensor,
-                           label_smoothing: float = 0.0) -> torch.Tensor:
-    """Per-token loss ``[...]`` (fp32) of logits ``[..., V/tp]`` split by vocabulary over TP.
-
-    NxD's ``parallel_cross_entropy`` when NxD is in charge, on an fp32 copy of the logits (it
-    modifies its input in place), so the caller's logits stay usable; else the fallback (which
-    has no label smoothing).
-    """
-    if ps.nxd_in_charge():
-        from neuronx_distributed.parallel_layers.loss_functions import \
-            parallel_cross_entropy as nxd_cross_entropy
-        logits = vocab_parallel_logits.to(torch.float32, copy=True)
-        return nxd_cross_entropy(logits, target.long(), label_smoothing)
-    if label_smoothing:
-        raise NotImplementedError(f"label_smoothing={label_smoothing} needs NeuronX "
-                                  "Distributed's parallel_cross_entropy (the fallback has none)")
-    return fallback_parallel_cross_entropy(vocab_parallel_logits, target)
-
-
-def _per_token_loss(logits: torch.Tensor, target: torch.Tensor, vocab_parallel: bool):
+def _per_token_loss(logits: torch.Tensor, target: torch.Tensor, vocab_parallel: bool,
+                    use_nxd: Optional[bool]):
     """Per-token loss ``[N]`` in fp32 of logits ``[N, V]`` (``[N, V/tp]`` if vocab-parallel),
     target int32 ``[N]`` in ``[0, V)``."""
     if vocab_parallel and ps.get_tensor_model_parallel_size() > 1:
-        return parallel_cross_entropy(logits, target).float()
+        return parallel_cross_entropy(logits, target, use_nxd=use_nxd).float()
     # F.cross_entropy(reduction="none") written with an int32 gather: torch's takes int64
     # targets only, which on XLA puts s64 index arithmetic in the graph.
     logits = logits.float()
@@ -95,8 +48,8 @@ def _per_token_loss(logits: torch.Tensor, target: torch.Tensor, vocab_parallel: 
 def context_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
                                    ignore_index: int = -100, vocab_parallel: bool = False,
                                    group=None,
-                                   num_items_in_batch: Optional[torch.Tensor] = None
-                                   ) -> torch.Tensor:
+                                   num_items_in_batch: Optional[torch.Tensor] = None,
+                                   use_nxd: Optional[bool] = None) -> torch.Tensor:
     """Cross entropy of the whole CP group's tokens, token-weighted; a scalar (fp32).
 
     logits: ``[..., V]`` for this rank's tokens (``[B, S_local, V]``), or ``[..., V/tp]`` with
@@ -107,10 +60,15 @@ def context_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     group: CP group (``GroupSpec`` / ProcessGroup); None for the CP group of parallel_state.
     num_items_in_batch: optional denominator (HF Trainer's argument) replacing the count of
         non-ignored tokens; it must then count the tokens of the full, unsharded batch.
+    use_nxd: vocab-parallel loss by NxD's ``parallel_cross_entropy`` (None: when NxD is in
+        charge; a model from ``transform`` passes the choice its layers were built with).
 
     Returns ``sum of token losses over CP / count over CP``, identical on every rank of the
     group; 0 (not NaN) when the group has no non-ignored token.
     """
+    error = num_items_error(num_items_in_batch)
+    if error:
+        raise ValueError(error)
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits shape {tuple(logits.shape)} does not match labels shape "
                          f"{tuple(labels.shape)}: logits must be [..., vocab] over labels' shape")
@@ -119,7 +77,7 @@ def context_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     target = labels.reshape(-1).to(flat.device).to(torch.int32)
     valid = target != target.new_full((), ignore_index)
     target = torch.where(valid, target, torch.zeros_like(target))
-    per_token = _per_token_loss(flat, target, vocab_parallel)
+    per_token = _per_token_loss(flat, target, vocab_parallel, use_nxd)
     valid = valid.to(per_token.dtype)
     local_sum = (per_token * valid).sum()
     t = get_transport(ps.resolve_group(group), flat.device)

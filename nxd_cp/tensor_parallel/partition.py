@@ -1,10 +1,7 @@
-"""The per-parameter shard <-> full mapping shared by all models, and attribute paths.
+"""The per-parameter shard <-> full mapping of TP models, and module attribute paths.
 
-The architecture description (``ArchitectureSpec``, public) is in ``nxd_cp.models.registry``;
-``ArchSpec`` and ``check_sizes`` are re-exported here for ``transform``.
-
-Every parameter of a transformed model is in one of three states (``Partition``), read from
-the layer that owns it:
+Every parameter of a TP model is in one of three states (``Partition``), read from the layer
+that owns it:
 
 * TP-split on ``dim``: TP rank r holds chunk r of that dim of the full tensor (stride 1);
 * KV-replicated (``kv_replicas = n``): TP rank r holds KV head ``r // n`` (rows
@@ -22,11 +19,11 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from nxd_cp.tensor_parallel import layers as L
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
-from nxd_cp.models.registry import ArchitectureSpec as ArchSpec  # noqa: F401
-from nxd_cp.models.registry import check_sizes  # noqa: F401
+from nxd_cp.tensor_parallel.factory import (is_column_parallel, is_parallel_embedding,
+                                            is_row_parallel)
+from nxd_cp.tensor_parallel.kv_replication import ReplicatedKVLinear
 
 
 def get_path(root: nn.Module, path: str):
@@ -61,15 +58,15 @@ def partition_of(module: nn.Module, name: str, param: torch.Tensor) -> Partition
     (moving to XLA makes new Parameter objects, without NxD's attributes), then from NxD's
     ``tensor_model_parallel`` / ``partition_dim`` attributes for any other TP layer.
     """
-    if isinstance(module, L.ReplicatedKVLinear):
+    if isinstance(module, ReplicatedKVLinear):
         return Partition(kv_replicas=module.replicas)
-    if isinstance(module, (L.ColumnParallelLinear, L.FallbackColumnParallelLinear)):
+    if is_column_parallel(module):
         if name == "weight" or param.shape[0] != module.output_size:  # bias split unless gathered
             return Partition(dim=0)
         return Partition()
-    if isinstance(module, (L.RowParallelLinear, L.FallbackRowParallelLinear)):
+    if is_row_parallel(module):
         return Partition(dim=1) if name == "weight" else Partition()
-    if isinstance(module, (L.ParallelEmbedding, L.FallbackParallelEmbedding)):
+    if is_parallel_embedding(module):
         return Partition(dim=1 if module.shard_across_embedding else 0)
     if getattr(param, "tensor_model_parallel", False):
         return Partition(dim=param.partition_dim)
