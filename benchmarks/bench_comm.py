@@ -94,7 +94,8 @@ def main() -> None:
             res[f"{pas}_vs_formula"] = got / want
             res[f"{pas}_vs_limit"] = got / lim
             ok = "yes" if abs(got / want - 1) <= TOLERANCE else "NO"
-            rows.append([m["cp"], m["comm"], pas, fmt_bytes(got), fmt_bytes(want), f"{got / want:.4f}",
+            rows.append([m["cp"], m["comm"], pas, fmt_bytes(got), fmt_bytes(want),
+                         f"{got / want:.4f}",
                          ok, fmt_bytes(lim), f"{got / lim:.3f}"])
         total, rep = m["fwd"] + m["bwd"], repeat["fwd"] + repeat["bwd"]
         res["vs_repeat_kv"] = total / rep

@@ -150,7 +150,8 @@ def main() -> None:
         print_table(f"Bytes saved for backward per rank: {title}",
                     ["cp", "comm", "saved", "limit (cp=1 / cp)", "ratio", f"<= {TARGET}",
                      "vs own cp=1"], table, note=note)
-    write_json(args.json, {"target": TARGET, "sdpa_cp1": {k: sdpa[k] for k in ("attention", "layer")},
+    write_json(args.json, {"target": TARGET,
+                           "sdpa_cp1": {k: sdpa[k] for k in ("attention", "layer")},
                            "rows": results})
 
 

@@ -95,9 +95,10 @@ def _attention_tensors(cp: int, s_local: int, rank: int):
     return [out, q.grad, k.grad, v.grad]
 
 
-def _step_tensors(rank: int, int32: bool = False):
+def _step_tensors(rank: int, int32: bool = False, ckpt=None, layers: int = 2):
     """Global rank ``rank``'s TP2 x CP2 training step of the tests' tiny Llama (the batch in
-    int64 as tokenizers give it, or cast to int32 first)."""
+    int64 as tokenizers give it, or cast to int32 first; ``layers`` decoder layers, ``ckpt``
+    its ``activation_checkpoint_config``)."""
     import torch
     import torch_xla
 
@@ -111,7 +112,7 @@ def _step_tensors(rank: int, int32: bool = False):
         AdamW = torch.optim.AdamW
     if TESTS not in sys.path:
         sys.path.insert(0, TESTS)
-    from test_models import make_batch, make_model
+    from test_models import make_batch, make_config, make_model, model_class
 
     dev = torch_xla.device()
     _xla().reset_collective_token(dev)
@@ -120,7 +121,16 @@ def _step_tensors(rank: int, int32: bool = False):
         if hasattr(ps, "set_training_config"):  # now: the active config transform reads
             from nxd_cp.testing import activate_config
             config = activate_config("p2p")
-        model = transform(make_model("llama"), config, vocab_parallel_logits=True).to(dev)
+        if ckpt is not None:
+            config = dict(config, activation_checkpoint_config=ckpt)
+        if layers != 2:
+            cfg = make_config("llama")
+            cfg.num_hidden_layers = layers
+            torch.manual_seed(1)
+            model = model_class("llama")(cfg)
+        else:
+            model = make_model("llama")
+        model = transform(model, config, vocab_parallel_logits=True).to(dev)
         opt = AdamW(model.parameters(), lr=1e-3, eps=1e-6)
         batch = {k: (v.to(torch.int32) if int32 else v).to(dev) for k, v in
                  get_batch_on_this_context_parallel_rank(make_batch(100)).items()}
@@ -155,7 +165,11 @@ def worker(kind: str, cp: int, s_local: int, compile_max: int, distinct_max: int
            dump: str) -> dict:
     """One graph (``kind`` "attention" or "step"), in a process whose XLA_FLAGS dump to
     ``dump``."""
-    if kind in ("step", "step32"):
+    if kind.startswith("layers"):  # "layers<L>" / "layers<L>ckpt": int32 batch, L layers
+        world, first = TP * CP, 0
+        ckpt, n_layers = "full" if kind.endswith("ckpt") else None, int(kind[6:7])
+        lower = lambda r: _step_tensors(r, True, ckpt, n_layers)  # noqa: E731
+    elif kind in ("step", "step32"):
         from nxd_cp import parallel_state as ps
         if not hasattr(ps, "explicit_rank"):
             return dict(kind=kind, na="no parallel_state.explicit_rank in this revision")
@@ -297,6 +311,28 @@ def report(rows: dict, names, args) -> None:
                      "and the graph has none ('int32 batch').")
 
 
+def report_layers(rows: dict) -> None:
+    """Whole step per decoder layer, with and without activation checkpointing."""
+    table = []
+    for ckpt in ("", "ckpt"):
+        one, two = (rows.get((f"layers{n}{ckpt}", TP * CP, 0)) for n in (1, 2))
+        if not one or not two or "instructions" not in one or "instructions" not in two:
+            continue
+        peak = [r.get("peak_bytes") for r in (one, two)]
+        per_kib = f"{(peak[1] - peak[0]) / 1024:,.1f}" if None not in peak else "skipped"
+        table.append(["full" if ckpt else "none", f"{one['instructions']:,}",
+                      f"{two['instructions']:,}", f"{two['instructions'] - one['instructions']:,}",
+                      _value(one, "peak_bytes"), _value(two, "peak_bytes"), per_kib])
+    print_table("One TP2 x CP2 training step per decoder layer, with activation checkpointing",
+                ["activation_checkpoint_config", "instructions, 1 layer", "2 layers",
+                 "per layer", "peak MiB, 1 layer", "2 layers", "peak KiB per layer"], table,
+                note="The tiny Llama of the step table (hidden 64, 4 / 2 heads, D 16, MLP 128, "
+                     "sequence 256, batch 2: 256 tokens per rank, fp32), int32 batch; rank 0's "
+                     "graph; per layer = 2 layers - 1 layer. Peak: XLA:CPU's buffer assignment "
+                     "(`Total bytes used`), activations with weights, gradients and optimizer "
+                     "state.")
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--cp", type=int, nargs="+", default=[2, 4, 8, 16, 32])
@@ -326,13 +362,15 @@ def main() -> None:
     jobs = [("attention", cp, s) for cp in args.cp for s in args.s_local] + [("step", TP * CP, 0)]
     long_jobs = [("attention", args.cp_long, s) for s in args.s_long]
     int32_job = ("step32", TP * CP, 0)
-    for key in jobs + long_jobs + [int32_job]:
-        # Long sequences: this checkout and the first baseline; int32 batch: this checkout.
-        subset = 1 if key == int32_job else 2 if key in long_jobs else None
+    layer_jobs = [(f"layers{n}{c}", TP * CP, 0) for c in ("", "ckpt") for n in (1, 2)]
+    for key in jobs + long_jobs + [int32_job] + layer_jobs:
+        # Long sequences: this checkout and the first baseline; int32 batch, layers: this one.
+        subset = 1 if key in [int32_job] + layer_jobs else 2 if key in long_jobs else None
         for name, tree in list(trees.items())[:subset]:
             rows[name][key] = _measure(tree, *key, args)
             print(name, rows[name][key], flush=True)
     report(rows, list(trees), args)
+    report_layers(rows["new"])
     write_json(args.json, {"rows": {n: list(r.values()) for n, r in rows.items()}})
 
 

@@ -226,7 +226,7 @@ def findings(data: Dict[str, Optional[dict]]) -> str:
 
 
 def xla_findings(xla: Optional[dict]) -> List[str]:
-    """Why the cp=8 attention graph is above ~3,500 instructions (the graph-size target), where it is."""
+    """Why the cp=8 attention graph is above ~3,500 instructions (the size target), where it is."""
     if not xla:
         return []
     att = {r["s_local"]: r["instructions"] for r in xla["rows"]["new"]
@@ -343,7 +343,8 @@ def plot(data: Dict[str, Optional[dict]], path: str) -> None:
                      ":", color=color, alpha=0.7, label=f"{c}: repeat-KV design")
         rs = sorted(comm["rows"], key=lambda r: r["cp"])
         ax3.plot(sorted({r["cp"] for r in rs}),
-                 [(r["limit"]["fwd"] + r["limit"]["bwd"]) / 2**20 for r in rs if r["comm"] == "p2p"],
+                 [(r["limit"]["fwd"] + r["limit"]["bwd"]) / 2**20 for r in rs
+                  if r["comm"] == "p2p"],
                  "k--", alpha=0.6, label="limit (fwd K/V + bwd dK/dV)")
     ax3.set(title="Bytes sent per rank per attention call", xlabel="cp", ylabel="MiB",
             xscale="log", yscale="log")

@@ -71,6 +71,8 @@ def parse_args(argv=None):
                    help="keep logits split by vocabulary over TP; the loss is vocab-parallel")
     p.add_argument("--sequence_parallel", action="store_true",
                    help="sequence parallelism inside TP (norms / residuals on S/(cp*tp) tokens)")
+    p.add_argument("--max_grad_norm", type=float, default=1.0,
+                   help="clip the global gradient norm to this after the reduction (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=1)
     p.add_argument("--check", action="store_true",
@@ -229,6 +231,8 @@ def main(argv=None) -> int:
         tensor_parallel_size=args.tensor_parallel_size,
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        # every decoder layer recomputed in backward, on every device (applied by transform)
+        activation_checkpoint_config="full" if args.gradient_checkpointing else None,
         context_parallel_config={"comm_type": args.cp_comm_type,
                                  "load_balance": args.load_balance})
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_size()
@@ -239,8 +243,6 @@ def main(argv=None) -> int:
     reference = copy.deepcopy(model) if args.check and rank == 0 else None
     model = nxd_cp.transform(model, config,
                              vocab_parallel_logits=args.vocab_parallel_logits).to(device)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     if model.config.tie_word_embeddings:
         model.tie_weights()  # moving to an XLA device unties shared parameters
     # torch's AdamW; on XLA its update lowers without f64 scalars (docs/trn1.md)
@@ -277,7 +279,7 @@ def main(argv=None) -> int:
             loss = model(**batch).loss
         with nxd_cp.count_bytes() as sent_bwd:
             loss.backward()
-            nxd_cp.allreduce_sequence_parallel_gradients(model)  # no-op without SP
+            # one call: the CP (DP x CP) reduction, and with SP the norms' sum over TP, once
             if dp > 1:
                 nxd_cp.allreduce_data_context_parallel_gradients(model)
             else:
@@ -291,6 +293,8 @@ def main(argv=None) -> int:
                 dp_batches = [get_batch(tokens, step, d, args.batch_size, args.seq_len,
                                         args.seed, args.packed) for d in range(dp)]
                 summary.update(check_parity(model, loss, reference, dp_batches, rank))
+        if args.max_grad_norm > 0:  # after the parity check: it compares unclipped gradients
+            nxd_cp.clip_grad_norm(model, args.max_grad_norm)  # TP shards counted once
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

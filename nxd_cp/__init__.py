@@ -33,6 +33,9 @@ from nxd_cp.training.loss import context_parallel_cross_entropy
 from nxd_cp.training.memory import count_saved_bytes
 from nxd_cp.nn import ContextParallelAttention, parallelize, register_module
 from nxd_cp.training.grads import allreduce_sequence_parallel_gradients
+from nxd_cp.training.clipping import clip_grad_norm
+from nxd_cp.training.zero1 import initialize_parallel_optimizer, optimizer_state_bytes
+from nxd_cp.training.fsdp import fully_shard
 from nxd_cp.sequence.layout import sequence_positions, shard_sequence
 from nxd_cp.sequence.unshard import unshard_sequence
 
@@ -57,4 +60,5 @@ __all__ = ["parallel_state", "optim", "context_parallel_attention", "count_bytes
            "sequence_positions", "shard_sequence", "unshard_sequence", "transform",
            "full_state_dict", "models", "save_checkpoint", "load_checkpoint", "has_checkpoint",
            "checkpoint_metadata", "ContextParallelAttention", "register_module",
-           "parallelize", "ArchitectureSpec", "register_architecture"]
+           "parallelize", "ArchitectureSpec", "register_architecture", "clip_grad_norm",
+           "initialize_parallel_optimizer", "optimizer_state_bytes", "fully_shard"]

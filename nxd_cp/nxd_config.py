@@ -17,8 +17,8 @@ Differences from NxD, on purpose:
   NxD is in charge), and the validated config becomes parallel state's *active* config
   (``nxd_cp.config``): the data function, the attention and ``transform`` read it. Calling again
   with the same sizes replaces the active config; different sizes are an error.
-- Features that need NxD's wrappers (pipeline and sequence parallelism, LoRA, head padding,
-  ZeRO-1, meta-device init) raise ``NotImplementedError`` on the torch.distributed fallback
+- Features that need NxD's wrappers (pipeline parallelism, LoRA, head padding, meta-device
+  init) raise ``NotImplementedError`` on the torch.distributed fallback
   instead of being silently dropped. ``expert_parallel_size > 1`` and ``lnc_size != 1`` are
   refused everywhere for now: ``nxd_cp.parallel_state`` does not forward them to NxD.
 """
@@ -33,10 +33,16 @@ import torch.distributed as dist
 
 from nxd_cp import parallel_state
 from nxd_cp.config import ContextParallelConfig
-from nxd_cp.nxd_subconfigs import (MixedPrecisionConfig, ModelInitConfig,  # noqa: F401
-                                    OptimizerConfig, _check_activation_checkpoint,
-                                    _check_bool, _check_positive_int, _fields_from_dict,
-                                    _shallow_dict)
+from nxd_cp.nxd_subconfigs import (  # noqa: F401
+    MixedPrecisionConfig,
+    ModelInitConfig,
+    OptimizerConfig,
+    _check_activation_checkpoint,
+    _check_bool,
+    _check_positive_int,
+    _fields_from_dict,
+    _shallow_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +167,9 @@ def _check_supported(cfg: NeuronxDistributedConfig, with_nxd: bool) -> None:
          "must be 1"),
         ("pad_model", cfg.pad_model, cfg.pad_model, "must be False"),
         ("lora_config", cfg.lora_config, cfg.lora_config is not None, "must be None"),
-        # NxD's wrapper applies it; on the fallback call model.gradient_checkpointing_enable().
-        ("activation_checkpoint_config", cfg.activation_checkpoint_config,
-         cfg.activation_checkpoint_config is not None,
-         "must be None (use model.gradient_checkpointing_enable() on the transformed model)"),
-        ("optimizer_config['zero_one_enabled']", cfg.optimizer_config.zero_one_enabled,
-         cfg.optimizer_config.zero_one_enabled, "must be False"),
+        # activation_checkpoint_config runs everywhere: nxd_cp.transform applies it.
+        # ZeRO-1 runs on the fallback: nxd_cp.initialize_parallel_optimizer shards it over DP x CP
+        # (torch's ZeroRedundancyOptimizer).
         ("model_init_config['meta_device_init']", cfg.model_init_config.meta_device_init,
          cfg.model_init_config.meta_device_init, "must be False"),
     )
@@ -299,9 +302,10 @@ def _warn_unapplied_clipping(cfg: NeuronxDistributedConfig) -> None:
         logger.warning(
             "nxd_cp: optimizer_config['grad_clipping']=True (max_grad_norm=%s, NxD's default) "
             "is applied by NxD's optimizer wrapper, which is not in charge here: on the "
-            "torch.distributed fallback nothing clips the gradients. Clip them yourself after "
-            "the gradient reduction (a TP-sharded model's norm needs the norm of every shard), "
-            "or pass optimizer_config={'grad_clipping': False} to silence this",
+            "torch.distributed fallback only nxd_cp.initialize_parallel_optimizer's step applies "
+            "it. With another optimizer, call nxd_cp.clip_grad_norm(model, max_norm) after the "
+            "gradient reduction, or pass optimizer_config={'grad_clipping': False} to silence "
+            "this",
             cfg.optimizer_config.max_grad_norm)
 
 

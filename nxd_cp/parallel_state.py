@@ -115,7 +115,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
 
     timeout: of every group's collectives; None: the world group's (``init_process_group``'s).
     Raises ``RuntimeError`` when torch.distributed is not initialised or the state already is,
-    ``ValueError`` for sizes NxD refuses (see ``nxd_cp.topology.layout``), ``NotImplementedError`` for
+    ``ValueError`` for sizes NxD refuses (see ``topology.layout``), ``NotImplementedError`` for
     expert parallelism.
     """
     global _STATE, _NXD

@@ -74,6 +74,9 @@ def _child(fn, rank, world_size, port, args, results, stack_dir, threads, option
         dist.init_process_group("gloo", rank=rank, world_size=world_size, **kwargs)
         try:
             out = fn(rank, world_size, *args)
+            # Rank 0 hosts the world's key-value store: no rank leaves (and takes the store
+            # with it) while another still runs, e.g. waits in a host-side agreement check.
+            dist.barrier()
         finally:
             ps.destroy_model_parallel()
             dist.destroy_process_group()

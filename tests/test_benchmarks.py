@@ -35,7 +35,8 @@ def results(tmp_path_factory):
             proc = subprocess.run([sys.executable, os.path.join(BENCH, f"{name}.py"), "--quick",
                                    "--json", str(out)], capture_output=True, text=True,
                                   timeout=300, cwd=ROOT, env=env)
-            assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            assert proc.returncode == 0, (
+                f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             cache[name] = (proc, json.loads(out.read_text()))
         return cache[name]
 

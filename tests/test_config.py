@@ -149,10 +149,6 @@ BAD = [
     (dict(lnc_size=2), NotImplementedError, r"lnc_size=2 is not supported"),
     (dict(pad_model=True), NotImplementedError, r"pad_model=True needs NeuronX Distributed"),
     (dict(lora_config=object()), NotImplementedError, r"lora_config=.* needs NeuronX"),
-    (dict(activation_checkpoint_config="full"), NotImplementedError,
-     r"activation_checkpoint_config='full' needs NeuronX.*gradient_checkpointing_enable"),
-    (dict(optimizer_config={"zero_one_enabled": True}), NotImplementedError,
-     r"optimizer_config\['zero_one_enabled'\]=True needs NeuronX Distributed"),
     (dict(model_init_config={"meta_device_init": True, "param_init_fn": print}),
      NotImplementedError, r"model_init_config\['meta_device_init'\]=True needs NeuronX"),
 ]
@@ -166,14 +162,16 @@ def test_bad_config_raises_with_key_value_and_rule(kwargs, exc, match):
 
 
 def test_zero1_config_is_valid_where_nxd_would_run_it():
-    """ZeRO-1 and its mixed-precision defaults are valid; only the fallback refuses them."""
+    """ZeRO-1 and its mixed-precision defaults are valid, with NxD and on the fallback
+    (nxd_cp.initialize_parallel_optimizer shards over DP x CP there); so is activation
+    checkpointing (transform applies it)."""
     from nxd_cp.nxd_config import _check_supported
 
-    cfg = build_config(optimizer_config={"zero_one_enabled": True})
+    cfg = build_config(optimizer_config={"zero_one_enabled": True},
+                       activation_checkpoint_config="full")
     assert cfg.mixed_precision_config.use_master_weights  # NxD's default follows ZeRO-1
     _check_supported(cfg, with_nxd=True)
-    with pytest.raises(NotImplementedError, match="zero_one_enabled"):
-        _check_supported(cfg, with_nxd=False)
+    _check_supported(cfg, with_nxd=False)
 
 
 def _outcome(fn, **kwargs):

@@ -19,8 +19,9 @@ API_MD = os.path.join(ROOT, "docs", "api.md")
 # else every public callable defined in the module itself (not imported into it).
 MODULES = ("nxd_cp", "nxd_cp.parallel_state", "nxd_cp.sequence.layout", "nxd_cp.attention",
            "nxd_cp.comm", "nxd_cp.models", "nxd_cp.nn", "nxd_cp.config", "nxd_cp.nxd_config",
-           "nxd_cp.sequence.batch", "nxd_cp.training.loss", "nxd_cp.training.grads", "nxd_cp.training.checkpoint", "nxd_cp.testing",
-           "nxd_cp.sequence.packing", "nxd_cp.training.optim")
+           "nxd_cp.sequence.batch", "nxd_cp.training.loss", "nxd_cp.training.grads",
+           "nxd_cp.training.checkpoint", "nxd_cp.testing", "nxd_cp.sequence.packing",
+           "nxd_cp.training.optim", "nxd_cp.layers")
 
 
 def public_names(module_name: str) -> list[str]:

@@ -30,7 +30,9 @@ def run_example(tmp_path, nproc, *args, env_extra=None):
     # packed documents, split head-tail; --check: the unmodified model on every document alone
     ["--tensor_parallel_size", "2", "--context_parallel_size", "2", "--packed",
      "--load_balance", "per_document"],
-], ids=["tp2xcp2-p2p", "cp2xdp2-allgather", "tp2xcp2-sp", "tp2xcp2-packed"])
+    # activation_checkpoint_config="full" through the example's flag
+    ["--tensor_parallel_size", "2", "--context_parallel_size", "2", "--gradient_checkpointing"],
+], ids=["tp2xcp2-p2p", "cp2xdp2-allgather", "tp2xcp2-sp", "tp2xcp2-packed", "tp2xcp2-ckpt"])
 def test_example_matches_unmodified_model(tmp_path, args):
     if "--packed" in args:  # data of short paragraphs: several documents in every 512-token row
         import random
@@ -50,12 +52,17 @@ def test_example_matches_unmodified_model(tmp_path, args):
     assert all(r["sent_bytes"] > 0 and r["saved_bytes"] > 0 for r in summary["per_rank"])
 
 
-def test_example_compiles_no_new_graph_after_step_two_on_xla(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--gradient_checkpointing"]],
+                         ids=["plain", "gradient-checkpointing"])
+def test_example_compiles_no_new_graph_after_step_two_on_xla(tmp_path, extra):
+    """With --gradient_checkpointing too (torch's checkpoint fails on torch-xla 2.9; nxd_cp's
+    activation_checkpoint_config runs torch-xla's): it trains, one graph per step."""
     pytest.importorskip("torch_xla")
     summary, _ = run_example(tmp_path, 1, "--device", "xla", "--seq_len", "128", "--steps", "4",
-                             env_extra={"PJRT_DEVICE": "CPU"})
+                             *extra, env_extra={"PJRT_DEVICE": "CPU"})
     compiles = summary["compiles"]
     assert len(compiles) == 4 and compiles[0] >= 1
+    assert summary["last_loss"] < summary["first_loss"]  # it trains
     assert compiles[3] == compiles[1], f"new graphs compiled after step 2: {compiles}"
 
 

@@ -19,7 +19,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nxd_cp"
 
 # The layer of each package / top-level module: a module may import only lower layers, or its
-# own package. Order: compat, nxd_subconfigs (leaves) < topology, config < parallel_state, comm < sequence < attention,
+# own package. Order: compat, nxd_subconfigs (leaves) < topology, config < parallel_state,
+# comm < sequence < attention,
 # tensor_parallel < training, nxd_config < nn < models < testing < the facade and aliases.
 LAYERS = {
     "nxd_cp.compat": 0,

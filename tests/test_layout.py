@@ -1,4 +1,5 @@
-"""Rank layout against golden lists written out by hand from NxD's arange(world).reshape(pp, dp, cp, tp)."""
+"""Rank layout against golden lists written out by hand from NxD's
+arange(world).reshape(pp, dp, cp, tp)."""
 import pytest
 
 from nxd_cp.topology.layout import ParallelLayout, ring_pairs
@@ -54,7 +55,8 @@ def test_tp8_cp4_pp2_on_128_ranks():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(world_size=6, tensor_model_parallel_size=4), r"world_size=6 is not divisible by .*= 4"),
     (dict(world_size=8, context_parallel_size=3), r"context_parallel_size\(3\)"),
-    (dict(world_size=8, context_parallel_size=0), r"context_parallel_size=0 must be an integer >= 1"),
+    (dict(world_size=8, context_parallel_size=0),
+     r"context_parallel_size=0 must be an integer >= 1"),
     (dict(world_size=0), r"world_size=0 must be"),
     (dict(world_size=8, tensor_model_parallel_size=2.0), r"tensor_model_parallel_size=2.0"),
 ])

@@ -4,7 +4,8 @@ Batches are built with transformers' own ``DataCollatorWithFlattening`` (one cal
 ``input_ids``, ``labels`` with -100 at every document start, ``position_ids`` restarting at 0;
 optionally ``seq_idx`` or ``cu_seq_lens_q``), two rows of 256 tokens with different documents:
 one-token documents, documents shorter than a chunk, a document that spans every CP rank, and a
-row ending in padding (``attention_mask`` 0). The three input formats are cycled over the cases.
+row ending in padding (``attention_mask`` 0, or with the ``position_ids`` format, which has no
+mask, a document of its own). The three input formats are cycled over the cases.
 
 Reference (nobody here wrote it): the unmodified transformers model in fp32 run on rank 0 on
 each document *separately* (no packing), the documents' mean losses combined token-weighted and
@@ -52,9 +53,12 @@ def packed_batch(docs, fmt):
     for key in ("input_ids", "labels", "position_ids", "seq_idx"):
         if key in rows[0]:
             batch[key] = torch.cat([rows[0][key], torch.cat([rows[1][key], tail[key]], 1)])
-    mask = torch.ones(2, SEQ, dtype=torch.long)
-    mask[1, SEQ - pad:] = 0
-    batch["attention_mask"] = mask
+    if fmt != "position_ids":
+        # transformers' rule (and nxd_cp's): documents come from restarting position_ids only
+        # without an attention_mask; there the padding is a document of its own (labels -100)
+        mask = torch.ones(2, SEQ, dtype=torch.long)
+        mask[1, SEQ - pad:] = 0
+        batch["attention_mask"] = mask
     if fmt == "cu_seq_lens":  # over the flattened batch; the padding is a document of its own
         # (no position_ids: the data function makes them restart at every document)
         lengths = [n for row in ROWS for n in row] + [pad]

@@ -1,4 +1,5 @@
-"""nxd_cp.topology.layout against NxD's own layout function over a (platform, world, tp, cp, pp) grid.
+"""nxd_cp.topology.layout against NxD's own layout function over a (platform, world, tp, cp,
+pp) grid.
 
 One spawned rank (a 1-process gloo world) imports NxD's real source and calls its
 ``initialize_model_parallel(..., mesh_only=True)``, which returns the groups without creating

@@ -255,13 +255,17 @@ def _in_charge():
 
 
 def _layers():
-    from nxd_cp.tensor_parallel import layers as L
+    from nxd_cp import layers as L
+    from nxd_cp import parallel_state as ps
 
-    layer = L.ColumnParallelLinear(8, 8, gather_output=False)
-    emb = L.ParallelEmbedding(16, 8, padding_idx=0)
-    return {"using_nxd": L.USING_NXD,
+    layers = L.tensor_parallel_layers()  # decided once: NxD's, as NxD is in charge
+    layer = layers.ColumnParallelLinear(8, 8, gather_output=False)
+    emb = layers.ParallelEmbedding(16, 8, padding_idx=0)
+    own = L.ColumnParallelLinear(8, 8, gather_output=False)  # nxd_cp's class, always
+    return {"using_nxd": ps.nxd_in_charge() and layers.use_nxd,
             "column_module": type(layer).__module__,
-            "isinstance": isinstance(layer, L.ColumnParallelLinear),
+            "isinstance": L.is_column_parallel(layer) and L.is_column_parallel(own),
+            "own_module": type(own).__module__,
             "padding_idx": emb.padding_idx}
 
 
@@ -357,6 +361,7 @@ def test_nxd_layers_in_charge(four, case):
     for rank, r in enumerate(case_result(four, case)):
         assert r["using_nxd"] and r["isinstance"]
         assert r["column_module"] == "neuronx_distributed.parallel_layers.layers"
+        assert r["own_module"] == "nxd_cp.tensor_parallel.layers"  # no class picked at call
         # pad row 0 lives on TP rank 0 (rows [0, 8)): restored there, absent elsewhere.
         assert r["padding_idx"] == (0 if rank % 2 == 0 else None)
 

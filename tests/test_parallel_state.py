@@ -166,7 +166,8 @@ def _explicit(rank, world):
     before = ps.get_context_model_parallel_group()
     with ps.explicit_rank(8, 5, tensor_model_parallel_size=2, context_parallel_size=2):
         inside = {"tp": (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_size()),
-                  "cp": (ps.get_context_model_parallel_rank(), ps.get_context_model_parallel_size()),
+                  "cp": (ps.get_context_model_parallel_rank(),
+                         ps.get_context_model_parallel_size()),
                   "dp": (ps.get_data_parallel_rank(), ps.get_data_parallel_size()),
                   "cp_groups": ps.get_context_model_parallel_replica_groups(),
                   "pairs": ps.get_context_model_parallel_src_tgt_pairs(),

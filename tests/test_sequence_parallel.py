@@ -108,7 +108,8 @@ def unreduced_norm_gradient():
     model = transform(tm.make_model("llama"), tm.configure("p2p", sp=True))
     batch = tm.make_batch(4)
     model(**get_batch_on_this_context_parallel_rank(batch)).loss.backward()
-    allreduce_data_context_parallel_gradients(model)
+    # the parameters, not the model: a model with SP would also get its SP reduction here
+    allreduce_data_context_parallel_gradients(list(model.parameters()))
     grads = full_gradients(model)
     if dist.get_rank() != 0:
         return None

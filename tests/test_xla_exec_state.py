@@ -1,4 +1,5 @@
-"""``parallel_state.explicit_rank``: one rank of a world that does not run (no torch.distributed)."""
+"""``parallel_state.explicit_rank``: one rank of a world that does not run (no
+torch.distributed)."""
 import pytest
 
 from nxd_cp import parallel_state as ps

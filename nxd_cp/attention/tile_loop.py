@@ -3,7 +3,8 @@
 A (Q block, KV block) pair of at most ``block x block`` scores runs as one unrolled tile of the
 pure-torch kernel (``kernels.TorchBlockKernel``), classified statically where it can be. A
 larger pair runs as one XLA ``While`` loop over Q tiles of ``tile_q`` rows, each tile against
-the whole KV block, ``tile_q`` the largest divisor of ``Sq`` with ``tile_q * Sk <= block**2``:
+the whole KV block, ``tile_q * Sk <= block**2`` (``tile_plan``: the largest divisor of ``Sq``
+within that bound, or, where that divisor degenerates, equal tiles with the last one padded):
 the graph holds the loop body once, so its size no longer depends on ``S_local``, and the
 scores buffer of one iteration is at most ``B * Hq * block**2 * 4`` bytes. The loop is
 ``comm.xla_loop.while_scan`` (torch-xla is reached from ``nxd_cp.comm`` only, through
@@ -38,7 +39,7 @@ from nxd_cp.attention.softmax import (
     softmax_update,
     tile_grads,
 )
-from nxd_cp.comm.xla_loop import while_scan
+from nxd_cp.comm.xla_loop import while_scan, zeros_after
 
 
 def _tiles(x: Tensor, dim: int, n: int) -> Tensor:
@@ -51,11 +52,45 @@ def _untile(x: Tensor, dim: int) -> Tensor:
     return x.movedim(0, dim).flatten(dim, dim + 1)
 
 
+FLOOR = 64  # rows: the smallest tile a loop uses where the scores bound allows it
+
+
+def tile_plan(sq: int, sk: int, block: int) -> Tuple[int, int]:
+    """``(tile_q, n)``: the loop over ``sq`` query rows runs ``n`` trips of ``tile_q`` rows,
+    ``tile_q * sk <= block**2`` scores each (at least 1 row); ``n * tile_q >= sq``, the rows past
+    ``sq`` are padding.
+
+    The largest divisor of ``sq`` within the bound when it is not degenerate: at least
+    ``min(sq, FLOOR, ceil(limit / 2))`` rows (``limit = block**2 // sk``) and at most twice the
+    fewest trips ``ceil(sq / limit)``. Otherwise (``sq`` prime or nearly: ``S_local = 8198``
+    gives ``sq = 4099``, whose only divisor below the bound is 1) the fewest trips with equal
+    tiles, the last one padded: ``n = ceil(sq / limit)``, ``tile_q = ceil(sq / n)`` (then
+    ``tile_q >= min(sq, limit / 2)``, fewer than ``n`` padded rows). So no tile is below
+    ``min(sq, FLOOR, ceil(limit / 2))`` rows: 64 rows up to ``sk = 32768`` at ``block = 2048``.
+    """
+    limit = min(sq, max(1, block * block // sk))
+    fewest = -(-sq // limit)
+    floor = min(sq, FLOOR, -(-limit // 2))
+    divisor = max(t for t in range(1, limit + 1) if sq % t == 0)
+    if divisor >= floor and sq // divisor <= 2 * fewest:
+        return divisor, sq // divisor
+    return -(-sq // fewest), fewest
+
+
 def tile_rows(sq: int, sk: int, block: int) -> int:
-    """The largest divisor of ``sq`` whose tile of ``sk`` keys holds at most ``block**2``
-    scores (at least 1)."""
-    limit = max(1, block * block // sk)
-    return max(t for t in range(1, min(sq, limit) + 1) if sq % t == 0)
+    """The rows of one tile of ``tile_plan`` (a divisor of ``sq`` unless the loop pads)."""
+    return tile_plan(sq, sk, block)[0]
+
+
+def _pad(x: Tensor, dim: int, rows: int, edge: bool = False) -> Tensor:
+    """``x`` with ``rows`` more entries at the end of ``dim``: zeros, or copies of the last
+    entry (``edge``: mask rows stay valid rows). ``x`` itself when ``rows == 0``."""
+    if rows == 0:
+        return x
+    if edge:
+        last = x.narrow(dim, x.shape[dim] - 1, 1)
+        return torch.cat([x, last.expand(*x.shape[:dim], rows, *x.shape[dim + 1:])], dim)
+    return torch.cat([x, x.new_zeros(*x.shape[:dim], rows, *x.shape[dim + 1:])], dim)
 
 
 class _Masks:
@@ -141,9 +176,10 @@ class TileLoopKernel:
             return self.unrolled.forward(q, k, v, scale=scale, mask=mask, kv_keep=kv_keep,
                                          documents=documents)
         hkv, sq, sk = k.shape[1], q.shape[2], k.shape[2]
-        n = sq // tile_rows(sq, sk, self.block)
+        tq, n = tile_plan(sq, sk, self.block)
+        pad = tq * n - sq  # padded query rows (zeros; their outputs are dropped)
         masks = _Masks(mask, kv_keep, documents, sq, sk, q.device)
-        qs = group_heads(q.float() * scale, hkv)  # [B, Hkv, G, Sq, D]
+        qs = _pad(group_heads(q.float() * scale, hkv), 3, pad)  # [B, Hkv, G, Sq + pad, D]
 
         def body(carry, xs, consts):
             kf, vf, extra = consts[0], consts[1], consts[2:]
@@ -153,10 +189,11 @@ class TileLoopKernel:
             return carry, [out, lse]
 
         # Scanned: Q tiles [n, B, Hkv, G, tq, D] and the mask rows [n, tq, ...].
-        xs = [_tiles(qs, 3, n)] + [_tiles(r, 0, n) for r in masks.rows]
+        xs = [_tiles(qs, 3, n)] + [_tiles(_pad(r, 0, pad, edge=True), 0, n) for r in masks.rows]
         _, (out, lse) = while_scan(body, [], xs, [k.float(), v.float()] + masks.tensors)
-        # [n, B, Hkv, G, tq, ...] -> [B, Hkv, G, Sq, ...] -> [B, Hq, Sq, ...]
-        return _untile(out, 3).flatten(1, 2), _untile(lse, 3).flatten(1, 2)
+        # [n, B, Hkv, G, tq, ...] -> [B, Hkv, G, Sq (+ pad), ...] -> [B, Hq, Sq, ...]
+        out, lse = _untile(out, 3).flatten(1, 2), _untile(lse, 3).flatten(1, 2)
+        return (out[:, :, :sq], lse[:, :, :sq]) if pad else (out, lse)
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  *, scale: float, mask: Optional[BlockMask] = None,
@@ -167,13 +204,17 @@ class TileLoopKernel:
             return self.unrolled.backward(dout, q, k, v, out, lse, scale=scale, mask=mask,
                                           kv_keep=kv_keep, documents=documents)
         hkv, sq, sk = k.shape[1], q.shape[2], k.shape[2]
-        n = sq // tile_rows(sq, sk, self.block)
+        tq, n = tile_plan(sq, sk, self.block)
+        # Padded query rows: q, dout, lse and delta zero, so each padded row's dS = P * (dP -
+        # delta) and dV = P^T dout are exactly 0 (P finite): nothing reaches dk / dv.
+        pad = tq * n - sq
         masks = _Masks(mask, kv_keep, documents, sq, sk, q.device)
         qs = group_heads(q.float() * scale, hkv)  # [B, Hkv, G, Sq, D]
         dof = group_heads(dout.float(), hkv)
         # rowsum(dout * merged out) and the merged lse, [B, Hkv, G, Sq]
         delta = torch.einsum("bhgqd,bhgqd->bhgq", dof, group_heads(out.float(), hkv))
         lse_g = group_heads(lse, hkv)
+        qs, dof, lse_g, delta = (_pad(t, 3, pad) for t in (qs, dof, lse_g, delta))
 
         def body(carry, xs, consts):
             (dk, dv), (kf, vf), extra = carry, consts[:2], consts[2:]
@@ -185,7 +226,8 @@ class TileLoopKernel:
 
         kf, vf = k.float(), v.float()
         xs = [_tiles(t, 3, n) for t in (qs, dof, lse_g, delta)]  # [n, B, Hkv, G, tq, ...]
-        xs += [_tiles(r, 0, n) for r in masks.rows]
-        (dk, dv), (dq,) = while_scan(body, [torch.zeros_like(kf), torch.zeros_like(vf)], xs,
+        xs += [_tiles(_pad(r, 0, pad, edge=True), 0, n) for r in masks.rows]
+        (dk, dv), (dq,) = while_scan(body, [zeros_after(kf), zeros_after(vf)], xs,
                                      [kf, vf] + masks.tensors)
-        return _untile(dq, 3).flatten(1, 2) * scale, dk, dv  # dq [B, Hq, Sq, D]
+        dq = _untile(dq, 3).flatten(1, 2)  # [B, Hq, Sq (+ pad), D]
+        return (dq[:, :, :sq] if pad else dq) * scale, dk, dv

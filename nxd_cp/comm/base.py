@@ -10,20 +10,26 @@ import functools
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from nxd_cp.topology.groups import GroupSpec
 
 
-@functools.lru_cache(maxsize=256)
-def rank_tensor(ranks: Tuple[int, ...], rank: int, device: torch.device) -> torch.Tensor:
+def rank_tensor(ranks: Sequence[int], rank: int, device: Union[str, torch.device]
+                ) -> torch.Tensor:
     """``rank`` (this rank's index in the group ``ranks``) as an int32 tensor ``[1]`` on
     ``device``: device data (a graph input on XLA, like NxD's ``SPMDRank``), created once per
-    (group, rank, device) and reused every step. One tensor per group: where a rank's TP and
-    CP indices are equal they must still be two graph inputs, or that rank's graph would read
-    one parameter where the others read two."""
+    (group, rank, device) and reused every step (the key is normalised: a list of ranks, a
+    numpy int or the device as a string hit the same entry). One tensor per group: where a
+    rank's TP and CP indices are equal they must still be two graph inputs, or that rank's
+    graph would read one parameter where the others read two."""
+    return _rank_tensor(tuple(int(r) for r in ranks), int(rank), torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_tensor(ranks: Tuple[int, ...], rank: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([rank], dtype=torch.int32).to(device)
 
 

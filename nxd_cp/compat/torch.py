@@ -4,13 +4,14 @@ Tested on torch 2.9.0 (``SUPPORTED``); outside that range each function still tr
 missing private name becomes a ``RuntimeError`` that names the torch version and this module,
 never an ``AttributeError`` deep in a step.
 
-| what                                   | private API                                             |
-|----------------------------------------|---------------------------------------------------------|
-| the world group's timeout              | ``distributed_c10d._get_default_group()``, backend ``options._timeout`` |
-| the default key-value store            | ``distributed_c10d._get_default_store()``               |
-| the timeout of any process group       | ``ProcessGroup._get_backend(device).options._timeout``   |
-| CPU fused flash attention with its LSE | ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``) |
-| CUDA memory-efficient attention        | ``aten._scaled_dot_product_efficient_attention`` (+ ``_backward``)     |
+* the world group's timeout: ``distributed_c10d._get_default_group()``, its backend's
+  ``options._timeout`` (any group's: ``ProcessGroup._get_backend(device).options._timeout``);
+* the default key-value store: ``distributed_c10d._get_default_store()``;
+* a tensor's in-place version counter: ``Tensor._version``;
+* CPU fused flash attention with its LSE: ``aten._scaled_dot_product_flash_attention_for_cpu``
+  (and ``_backward``);
+* CUDA memory-efficient attention: ``aten._scaled_dot_product_efficient_attention`` (and
+  ``_backward``).
 """
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ becomes a ``RuntimeError`` naming the installed torch-xla version and this modul
 - running a built computation on tensors: ``_XLAC._xla_user_computation``;
 - tests and benchmarks: the HLO text of traced tensors (``_XLAC._get_xla_tensors_hlo``), a
   fresh chain of collective tokens (``_XLAC._set_all_reduce_token``), compiling without
-  executing (``_XLAC._xla_warm_up_cache``).
+  executing (``_XLAC._xla_warm_up_cache``);
+- activation checkpointing: ``torch_xla.utils.checkpoint.checkpoint`` (reentrant, what NxD's
+  ``checkpoint_wrapper`` uses); compile counts: ``torch_xla.debug.metrics`` (``CompileTime``).
 """
 from __future__ import annotations
 
@@ -124,3 +126,25 @@ def reset_collective_token(device: Any) -> None:
 def warm_up_cache(tensors: Sequence[torch.Tensor]) -> None:
     """Compile the graph of ``tensors`` without executing it."""
     _xlac("_xla_warm_up_cache")(list(tensors), [])
+
+
+def checkpoint(function: Any, *args: Any, preserve_rng_state: bool = True) -> Any:
+    """``torch_xla.utils.checkpoint.checkpoint(function, *args, use_reentrant=True)``: recompute
+    ``function`` in backward, behind an optimization barrier so XLA cannot merge the recompute
+    with the forward (torch's own ``torch.utils.checkpoint`` fails on torch-xla 2.9: ``module
+    'torch' has no attribute 'xla'``). Reentrant, as NxD's ``checkpoint_wrapper``: keyword
+    arguments must be bound into ``function``; a bound method of a module also puts the module's
+    parameters and buffers behind the barrier."""
+    ckpt = _import("torch_xla.utils.checkpoint")
+    try:
+        fn = ckpt.checkpoint
+    except AttributeError as e:
+        raise _missing("torch_xla.utils.checkpoint.checkpoint", e) from e
+    return fn(function, *args, use_reentrant=True, preserve_rng_state=preserve_rng_state)
+
+
+def compile_count() -> int:
+    """How many graphs torch-xla has compiled in this process (the ``CompileTime`` metric's
+    sample count; 0 before the first)."""
+    data = _import("torch_xla.debug.metrics").metric_data("CompileTime")
+    return int(data[0]) if data else 0

@@ -1,10 +1,12 @@
 """transformers' conventions nxd_cp relies on that are not a documented interface, behind one
 door. Tested on transformers 4.57 (``SUPPORTED``).
 
-| what                                   | convention (transformers 4.57)                          |
-|----------------------------------------|---------------------------------------------------------|
-| a model's rotary modules               | class name ends with ``RotaryEmbedding``, built as ``cls(config=, device=)``, ``rope_type`` attribute, ``rope_init_fn`` |
-| length-dependent rope types            | ``modeling_rope_utils.dynamic_rope_update``: types containing ``dynamic``, and ``longrope`` |
+* a model's rotary modules: class name ends with ``RotaryEmbedding``, built as
+  ``cls(config=, device=)``, with a ``rope_type`` attribute and a ``rope_init_fn``;
+* length-dependent rope types (``modeling_rope_utils.dynamic_rope_update``): types containing
+  ``dynamic``, and ``longrope``;
+* transformers' own gradient checkpointing is on: a module with ``gradient_checkpointing=True``
+  and a ``_gradient_checkpointing_func`` (``GradientCheckpointingLayer``).
 """
 from __future__ import annotations
 
@@ -54,3 +56,12 @@ def rebuilt_rotary(module: nn.Module, device: torch.device) -> Optional[nn.Modul
     except TypeError as e:
         raise RuntimeError(f"cannot rebuild {type(module).__name__} with (config=, device=) in "
                            f"{version_note()}: {e}") from e
+
+
+def own_gradient_checkpointing(model: nn.Module) -> bool:
+    """True when transformers' own gradient checkpointing is on for a module of ``model``
+    (``gradient_checkpointing_enable()`` sets ``gradient_checkpointing=True`` on each
+    ``GradientCheckpointingLayer`` and routes its ``__call__`` through
+    ``_gradient_checkpointing_func``, ``torch.utils.checkpoint`` by default)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True
+               and hasattr(m, "_gradient_checkpointing_func") for m in model.modules())

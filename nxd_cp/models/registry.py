@@ -40,7 +40,7 @@ class ArchitectureSpec:
         their outputs are this rank's heads ``[B, S_local, H/tp * D]`` / intermediate features.
     row: linears split by input features (o, down), all-reduced over TP.
     kv: separate K and V projections: split like ``column`` when Hkv % tp == 0, else one KV head
-        per TP rank (``nxd_cp.tensor_parallel.layers.ReplicatedKVLinear``) when tp % Hkv == 0. Empty for a fused
+        per TP rank (``nxd_cp.layers.ReplicatedKVLinear``) when tp % Hkv == 0. Empty for a fused
         QKV projection.
     fused_qkv_layout: None (no fused QKV) or ``"per_head"``: the fused projection (in ``column``)
         lays its output features out per head, ``[h0: q k v | h1: q k v | ...]`` (GPT-NeoX), so a

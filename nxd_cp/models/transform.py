@@ -11,11 +11,14 @@ What changes (and nothing else does):
   over the CP group with the causal / sliding-window mask of the config;
 * ``model.loss_function`` -> token-weighted CP cross entropy on *already shifted* labels;
 * the config's ``sequence_parallel=True``: Megatron / NxD sequence parallelism inside TP
-  (``nxd_cp.tensor_parallel.sequence_parallel``): the first decoder layer's input (the embedding output) is split
-  over TP along the sequence, norms and residuals run on ``S/(cp*tp)`` tokens, attention / MLP
-  see the all-gathered ``[B, S/cp, H]``, the lm_head all-gathers the final norm's output (logits
-  ``[B, S/cp, V]`` as without SP); call ``allreduce_sequence_parallel_gradients(model)`` after
-  backward. Without SP the fallback's q/k/v and gate/up share one input all-reduce in backward;
+  (``nxd_cp.tensor_parallel.sequence_parallel``): the first decoder layer's input (the embedding
+  output) is split over TP along the sequence, norms and residuals run on ``S/(cp*tp)`` tokens,
+  attention / MLP see the all-gathered ``[B, S/cp, H]``, the lm_head all-gathers the final norm's
+  output (logits ``[B, S/cp, V]`` as without SP); call
+  ``allreduce_sequence_parallel_gradients(model)`` after backward. Without SP the fallback's q/k/v
+  and gate/up share one input all-reduce in backward;
+* the config's ``activation_checkpoint_config``: those modules recompute in backward
+  (``training.checkpointing``; module names and state-dict keys unchanged);
 * a forward pre-hook (``models.inputs``) rejects what CP cannot run (KV cache, missing global
   ``position_ids``, a padding mask that is not 2-D, a local sequence SP cannot split, an active
   config that is not the model's) and turns ``use_cache`` off.
@@ -28,7 +31,7 @@ config=model)`` shards with it).
 
 ``transform`` runs in named phases: check the model and config, replace its modules by TP
 modules (``tp_modules``), load this rank's weights, bind the attention, wire the TP
-communication (``tp_wiring``), install the loss and the input checks.
+communication (``tp_wiring``), checkpoint activations, install the loss and the input checks.
 
 Weights come from the model itself (full weights on every rank, as ``from_pretrained`` loads
 them) or, for a model built on the meta device, from ``state_dict`` (a full HF state dict).
@@ -57,6 +60,7 @@ from nxd_cp.tensor_parallel.factory import tensor_parallel_layers
 from nxd_cp.tensor_parallel.partition import (Partition, copy_shard, get_path, materialize,
                                               partitions, set_path)
 from nxd_cp.topology.agreement import check_group_agreement
+from nxd_cp.training.checkpointing import checkpoint_modules, modules_to_checkpoint
 from nxd_cp.training.loss import context_parallel_cross_entropy
 
 
@@ -186,6 +190,20 @@ def _replace_and_load(model: nn.Module, spec: ArchitectureSpec, new: Dict[str, n
     _load(model, state_dict, load_prefixes, tied_keys=_tied_keys(model))
 
 
+# --- phase 5: activation checkpointing --------------------------------------------------------
+def _checkpoint_activations(model: nn.Module, spec: ArchitectureSpec,
+                            config: Optional[Mapping]) -> Any:
+    """Apply the config's ``activation_checkpoint_config`` (NxD's forms: ``"full"`` = every
+    decoder layer, or module class(es)); returns the value recorded in ``nxd_cp_config``."""
+    value = None if config is None else config.get("activation_checkpoint_config")
+    if value is None:
+        return None
+    layers = get_path(model, f"{spec.base}.{spec.layers}")
+    checkpoint_modules(modules_to_checkpoint(model, value, list(layers)))
+    return value if value == "full" else [c.__name__ for c in (
+        value if isinstance(value, (list, tuple)) else [value])]
+
+
 # --- phase 4: the attention, bound to the config ---------------------------------------------
 def _bind_attention(model: nn.Module, spec: ArchitectureSpec, cp_config: ContextParallelConfig
                     ) -> Any:
@@ -219,6 +237,10 @@ def transform(model: nn.Module, config: Optional[Mapping] = None, *,
         into the model's attention now; its ``sequence_parallel`` (SP inside TP; ``S/cp`` must
         divide by tp) shapes the model. The model's forward raises ``RuntimeError`` if a later
         ``neuronx_distributed_config`` call made another config active.
+        Its ``activation_checkpoint_config`` (NxD's: ``"full"`` = every decoder layer, or a
+        module class / list of classes) makes those modules recompute their forward in backward
+        on every device (``nxd_cp.training.checkpointing``: torch-xla's checkpoint on XLA,
+        torch's non-reentrant one elsewhere).
     vocab_parallel_logits: keep logits split by vocabulary over TP (``[B, S_local, V/tp]``)
         instead of gathering them; the model's loss is then computed vocab-parallel.
 
@@ -257,6 +279,7 @@ def transform(model: nn.Module, config: Optional[Mapping] = None, *,
     wrap_length_dependent(model)  # dynamic / longrope: frequencies of the global sequence
     window = _bind_attention(model, spec, cp_config)
     sp_parameters = wire_tensor_parallel(model, spec, new, sequence_parallel)
+    checkpointing = _checkpoint_activations(model, spec, config)
     model.loss_function = functools.partial(_causal_lm_loss, vocab_parallel=vocab_parallel_logits,
                                             use_nxd=layers.use_nxd)
     model.nxd_cp_config = {"architecture": spec.name, "window_size": window,
@@ -264,6 +287,7 @@ def transform(model: nn.Module, config: Optional[Mapping] = None, *,
                            "vocab_parallel_logits": vocab_parallel_logits,
                            "sequence_parallel": sequence_parallel,
                            "nxd_layers": layers.use_nxd,
-                           "sequence_parallel_parameters": sp_parameters}
+                           "sequence_parallel_parameters": sp_parameters,
+                           "activation_checkpoint": checkpointing}
     model.register_forward_pre_hook(check_inputs, with_kwargs=True)
     return model

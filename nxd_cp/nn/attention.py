@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from nxd_cp.attention.api import context_parallel_attention
 from nxd_cp import parallel_state as ps
+from nxd_cp.attention.api import context_parallel_attention
 from nxd_cp.config import ConfigLike, context_parallel_config_of
 
 

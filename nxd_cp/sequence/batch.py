@@ -7,9 +7,8 @@ config, which the transformed model checks it was built with.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
-
 import logging
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -143,7 +142,7 @@ def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
        get_context_parallel_config()``, which a transformed model checks it was built with).
        Other entries are returned unchanged.
 
-    Packed rows (``nxd_cp.sequence.packing``: ``seq_idx``, ``cu_seq_lens_q`` or ``position_ids`` that
+    Packed rows (``sequence.packing``: ``seq_idx``, ``cu_seq_lens_q`` or ``position_ids`` that
     restart, as transformers' ``DataCollatorWithFlattening`` returns them): the documents are
     found on the full row, the returned batch carries their ids as ``seq_idx`` ``[B, S/cp]``
     (int32; the model hands them to the attention), ``position_ids`` restart at 0 for each

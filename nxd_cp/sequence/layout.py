@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from nxd_cp.config import LOAD_BALANCES
+
 _TWO_PARTS = ("zigzag", "per_document")  # 2*cp chunks (slots), two per rank
 
 

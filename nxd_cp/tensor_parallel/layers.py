@@ -32,8 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nxd_cp.comm import autograd as cg
-from nxd_cp.tensor_parallel.common import (TPLayer, default_linear_init, divide, init_shard,
-                                           mark_parallel)
+from nxd_cp.tensor_parallel.common import (
+    TPLayer,
+    default_linear_init,
+    divide,
+    init_shard,
+    mark_parallel,
+)
 
 
 def _no_sequence_parallel(enabled: bool, layer: str) -> None:

@@ -21,8 +21,11 @@ from torch import nn
 
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
-from nxd_cp.tensor_parallel.factory import (is_column_parallel, is_parallel_embedding,
-                                            is_row_parallel)
+from nxd_cp.tensor_parallel.factory import (
+    is_column_parallel,
+    is_parallel_embedding,
+    is_row_parallel,
+)
 from nxd_cp.tensor_parallel.kv_replication import ReplicatedKVLinear
 
 

@@ -35,7 +35,7 @@ step (``training.grads.allreduce_sequence_parallel_gradients``, or NxD's optimiz
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +192,7 @@ def layer_options(kind: str, in_attention: bool, sequence_parallel: bool, use_nx
     """SP constructor arguments of one of ``transform``'s TP linears (``kind``: "column", "row"
     or "lm_head"; ``in_attention``: a column inside the attention module).
 
-    | layer               | fallback (nxd_cp.tensor_parallel.layers)       | NxD's (NxD in charge)              |
+    | layer               | nxd_cp's layers                | NxD's (NxD in charge)              |
     |---------------------|--------------------------------|------------------------------------|
     | row                 | SP, ``sequence_dimension=1``   | SP, ``sequence_dimension=0``        |
     | column, attention   | none (``share_tp_input``)      | none (``gather_tp_input``)          |

@@ -27,6 +27,10 @@ Exact: parameters, optimizer and scheduler states are saved bit for bit, and eac
 states too; with the data position (``step`` / ``data_position``, returned by
 ``checkpoint_metadata``) a resumed run repeats the uninterrupted one bit for bit.
 
+ZeRO-1 (``initialize_parallel_optimizer`` with ``zero_one_enabled``): every rank writes its own
+optimizer shard, ``optim/zero1_dpcp_rank_XXX_tp_rank_XX_pp_rank_XX.pt``; it loads only under the
+same dp * cp (a ``ValueError`` names both otherwise).
+
 Another layout: model and optimizer shards depend only on TP (and PP), so a checkpoint loads
 exactly under any other cp / dp with the same tp. A different tp or pp is refused with a
 ``ValueError`` naming both layouts (``full_state_dict`` gives unsharded weights to start from).
@@ -41,6 +45,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from nxd_cp import parallel_state as ps
 
@@ -53,6 +58,39 @@ FORMAT = 1
 def _shard_file(kind: str) -> str:
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     return os.path.join(kind, f"dp_rank_00_tp_rank_{tp:02d}_pp_rank_{pp:02d}.pt")
+
+
+def _is_zero1(optimizer) -> bool:
+    """True for a ZeRO-1 ``ParallelOptimizer`` (``training.zero1``): its state is per rank."""
+    return bool(getattr(optimizer, "nxd_cp_reduces_gradients", False)
+                and getattr(optimizer, "zero_one_enabled", False))
+
+
+def _optim_file(zero1: bool) -> str:
+    """The optimizer file of this rank: per TP (PP) shard, or per rank of DP x CP with ZeRO-1."""
+    if not zero1:
+        return _shard_file("optim")
+    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    dc = ps.get_data_context_parallel_rank()
+    return os.path.join("optim", f"zero1_dpcp_rank_{dc:03d}_tp_rank_{tp:02d}_pp_rank_{pp:02d}.pt")
+
+
+def _check_zero1(saved_dp_cp: Optional[int], zero1: bool, ckpt: str) -> None:
+    """ValueError when the optimizer's sharding is not the checkpoint's."""
+    here = ps.get_data_context_parallel_size()
+    if zero1 and saved_dp_cp != here:
+        what = (f"sharded over dp*cp={saved_dp_cp} ranks (ZeRO-1)" if saved_dp_cp
+                else "unsharded (no ZeRO-1)")
+        raise ValueError(
+            f"checkpoint {ckpt!r} holds optimizer state {what}; this run's ZeRO-1 optimizer "
+            f"shards over dp*cp={here}: ZeRO-1 state loads only under the same data x context "
+            "parallel size, into a ZeRO-1 optimizer")
+    if not zero1 and saved_dp_cp:
+        raise ValueError(
+            f"checkpoint {ckpt!r} holds ZeRO-1 optimizer state sharded over dp*cp={saved_dp_cp} "
+            "ranks; this optimizer is not sharded: load it into the ZeRO-1 optimizer of "
+            "initialize_parallel_optimizer(optimizer_config={'zero_one_enabled': True}) with "
+            "the same dp*cp")
 
 
 def _context_parallel_config(model) -> Dict[str, Any]:
@@ -142,6 +180,14 @@ def save_checkpoint(checkpoint_dir_str: str, tag: str, model=None, optimizer=Non
             or tag == NEWEST:
         raise ValueError(f"tag={tag!r} must be a non-empty directory name, not starting with "
                          f"'.' and not {NEWEST!r}")
+    if model is not None and any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise NotImplementedError(
+            "save_checkpoint(model=...) got a model sharded with FSDP2 (nxd_cp.fully_shard): "
+            "its parameters and optimizer state are DTensor shards that differ on every DP x CP "
+            "rank, which this checkpoint format (one file per TP shard) does not hold. Save the "
+            "full weights with `with nxd_cp.training.fsdp.unsharded(model): "
+            "nxd_cp.full_state_dict(model)`, or use ZeRO-1 (initialize_parallel_optimizer) for "
+            "sharded checkpoints")
     root = checkpoint_dir_str
     tmp = os.path.join(root, f".{tag}.tmp")
     rank = dist.get_rank()
@@ -154,8 +200,9 @@ def save_checkpoint(checkpoint_dir_str: str, tag: str, model=None, optimizer=Non
     writer = ps.get_data_context_parallel_rank() == 0
     if writer and model is not None:
         torch.save(_to_cpu(model.state_dict()), os.path.join(tmp, _shard_file("model")))
-    if writer and optimizer is not None:
-        torch.save(_to_cpu(optimizer.state_dict()), os.path.join(tmp, _shard_file("optim")))
+    zero1 = _is_zero1(optimizer)
+    if optimizer is not None and (writer or zero1):  # ZeRO-1: every rank writes its shard
+        torch.save(_to_cpu(optimizer.state_dict()), os.path.join(tmp, _optim_file(zero1)))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
     if rank == 0:
         if scheduler is not None:
@@ -168,7 +215,8 @@ def save_checkpoint(checkpoint_dir_str: str, tag: str, model=None, optimizer=Non
                 "context_parallel_config": _context_parallel_config(model),
                 "model_config": _model_config(model),
                 "saved": {"model": model is not None, "optimizer": optimizer is not None,
-                          "scheduler": scheduler is not None}}
+                          "scheduler": scheduler is not None},
+                "zero1_dp_cp": ps.get_data_context_parallel_size() if zero1 else None}
         with open(os.path.join(tmp, METADATA), "w") as f:
             json.dump(meta, f, indent=1, default=str)
     dist.barrier()  # every shard is on disk
@@ -207,7 +255,8 @@ def checkpoint_metadata(path: str, tag: Optional[str] = None) -> Dict[str, Any]:
 def _check_layout(saved: Dict[str, int], path: str, tag: str) -> None:
     here = _layout()
     if (saved["tp"], saved["pp"]) != (here["tp"], here["pp"]):
-        show = lambda d: ", ".join(f"{k}={d[k]}" for k in ("tp", "cp", "dp", "pp", "world"))
+        def show(d):
+            return ", ".join(f"{k}={d[k]}" for k in ("tp", "cp", "dp", "pp", "world"))
         raise ValueError(
             f"checkpoint {os.path.join(path, tag)!r} was saved with {show(saved)}; this run has "
             f"{show(here)}: its model and optimizer shards are split over tp={saved['tp']} "
@@ -236,7 +285,9 @@ def load_checkpoint(path: str, tag: Optional[str] = None, model=None, optimizer=
         state = torch.load(os.path.join(ckpt, _shard_file("model")), map_location="cpu")
         model.load_state_dict(state, strict=strict)
     if optimizer is not None:
-        state = torch.load(os.path.join(ckpt, _shard_file("optim")), map_location="cpu")
+        zero1 = _is_zero1(optimizer)
+        _check_zero1(meta.get("zero1_dp_cp"), zero1, ckpt)
+        state = torch.load(os.path.join(ckpt, _optim_file(zero1)), map_location="cpu")
         optimizer.load_state_dict(state)
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"),

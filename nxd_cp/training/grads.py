@@ -40,6 +40,7 @@ from typing import Iterable, List, Union
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
@@ -60,6 +61,19 @@ def _check_not_nxd_optimizer(model_or_params: ModelOrParams, name: str) -> None:
             f"{name}(optimizer) got NxD's optimizer: NxDOptimizer.step() already reduces the "
             "gradients over DP x CP (net sum over CP, mean over DP); reducing here too would make "
             "them context_parallel_size times too large. Call nothing before optimizer.step().")
+    if getattr(model_or_params, "nxd_cp_reduces_gradients", False):  # training.zero1
+        raise RuntimeError(
+            f"{name}(optimizer) got nxd_cp's ParallelOptimizer (initialize_parallel_optimizer): "
+            "its step() already reduces the gradients over DP x CP (net sum over CP, mean over "
+            "DP); reducing here too would make them context_parallel_size times too large. "
+            "Call nothing before optimizer.step().")
+    if isinstance(model_or_params, nn.Module) and any(
+            isinstance(m, FSDPModule) for m in model_or_params.modules()):
+        raise RuntimeError(
+            f"{name}(model) got a model sharded with FSDP2 (nxd_cp.fully_shard): FSDP "
+            "reduce-scatters the gradients over DP x CP in backward (sum over CP, mean over "
+            "DP) and they are sharded DTensors; reducing here too would count them twice. "
+            "Call nothing between backward() and optimizer.step().")
     if ps.nxd_in_charge() and not _WARNED:
         _WARNED.append(True)
         logger.warning("nxd_cp.%s: NeuronX Distributed is in charge; if you step with NxD's "
@@ -154,7 +168,14 @@ def _sequence_parallel_grads(model_or_params: ModelOrParams) -> List[torch.Tenso
 
 
 def _check_not_reduced_by_nxd(model_or_params: ModelOrParams) -> None:
-    """``RuntimeError`` for NxD's optimizer when its step reduces these gradients already."""
+    """``RuntimeError`` for NxD's optimizer (or nxd_cp's ``ParallelOptimizer``) when its step
+    reduces these gradients already."""
+    if getattr(model_or_params, "nxd_cp_reduces_gradients", False):  # training.zero1
+        raise RuntimeError(
+            "allreduce_sequence_parallel_gradients(optimizer) got nxd_cp's ParallelOptimizer "
+            "(initialize_parallel_optimizer): its step() already does the gradient reduction "
+            "of the step, the sequence-parallel one included. Call nothing before "
+            "optimizer.step().")
     if (nxd_compat.is_nxd_optimizer(model_or_params)
             and nxd_compat.nxd_optimizer_config(model_or_params).get("sequence_parallel")):
         raise RuntimeError(

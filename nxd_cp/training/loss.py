@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 
 from nxd_cp import parallel_state as ps
-from nxd_cp.comm import get_transport
 from nxd_cp.comm import autograd as cg
+from nxd_cp.comm import get_transport
 from nxd_cp.sequence.validation import num_items_error
 from nxd_cp.tensor_parallel.cross_entropy import parallel_cross_entropy
 
@@ -55,7 +55,7 @@ def context_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     logits: ``[..., V]`` for this rank's tokens (``[B, S_local, V]``), or ``[..., V/tp]`` with
         ``vocab_parallel=True`` (columns of TP rank r: ``[r*V/tp, (r+1)*V/tp)``).
     labels: ``[...]`` (``[B, S_local]``), *already shifted* to the next token (as
-        ``nxd_cp.sequence.batch.get_batch_on_this_context_parallel_rank`` returns them); ``ignore_index``
+        ``get_batch_on_this_context_parallel_rank`` returns them); ``ignore_index``
         marks tokens without a target.
     group: CP group (``GroupSpec`` / ProcessGroup); None for the CP group of parallel_state.
     num_items_in_batch: optional denominator (HF Trainer's argument) replacing the count of
