@@ -21,8 +21,8 @@ import torch
 pytest.importorskip("torch_xla")
 pytest.importorskip("jax")
 
-from test_models import configure, make_batch, make_model, rel  # noqa: E402
-from test_xla_exec_models import EPS, LR, reference  # noqa: E402
+from test_models import configure, make_model, rel  # noqa: E402
+from test_xla_exec_models import reference, traced_step  # noqa: E402
 from xla_exec import execute, lower_world, normalise_hlo  # noqa: E402
 
 pytestmark = [pytest.mark.xla_exec]
@@ -34,26 +34,11 @@ def step(rank, ckpt="full"):
     """This rank's Llama p2p step: loss, full gradients, full parameters after AdamW."""
     import torch_xla
 
-    from nxd_cp.models import full_gradients, full_state_dict, transform
-    from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
-    from nxd_cp.training.grads import allreduce_context_parallel_gradients
-    from nxd_cp.training.optim import AdamW
+    from nxd_cp.models import transform
 
-    dev = torch_xla.device()
     config = dict(configure("p2p"), activation_checkpoint_config=ckpt)
-    model = transform(make_model("llama"), config).to(dev)
-    opt = AdamW(model.parameters(), lr=LR, eps=EPS)
-    batch = {k: v.to(torch.int32).to(dev) for k, v in
-             get_batch_on_this_context_parallel_rank(make_batch(100)).items()}
-    loss = model(**batch).loss
-    loss.backward()
-    allreduce_context_parallel_gradients(model)
-    grads = full_gradients(model)
-    opt.step()
-    out = {"loss": loss.detach()}
-    out.update({f"grad/{n}": g for n, g in grads.items()})
-    out.update({f"param/{n}": p for n, p in full_state_dict(model).items()})
-    return out
+    model = transform(make_model("llama"), config).to(torch_xla.device())
+    return traced_step(model, torch.int32)
 
 
 def _instructions(text):

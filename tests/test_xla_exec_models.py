@@ -33,34 +33,46 @@ VOCAB_PARALLEL = {("llama", "p2p")}
 INT64_BATCH = {("mistral", "all_gather")}
 
 
-def training_step(rank, cases=CASES):
-    """This rank's step of every case: loss, full gradients and full parameters after it."""
+def traced_step(model, dtype, prefix=""):
+    """One traced step of a transformed ``model`` moved to XLA (batch ``make_batch(100)`` as
+    ``dtype``): forward, loss, backward, the CP gradient reduction, AdamW. Returns the loss,
+    the full gradients and the full parameters after the step, keys prefixed by ``prefix``."""
     import torch_xla
 
-    from nxd_cp.models import full_gradients, full_state_dict, transform
+    from nxd_cp.models import full_gradients, full_state_dict
     from nxd_cp.sequence.batch import get_batch_on_this_context_parallel_rank
     from nxd_cp.training.grads import allreduce_context_parallel_gradients
     from nxd_cp.training.optim import AdamW
 
     dev = torch_xla.device()
+    opt = AdamW(model.parameters(), lr=LR, eps=EPS)
+    batch = {k: v.to(dtype).to(dev) for k, v in
+             get_batch_on_this_context_parallel_rank(make_batch(100)).items()}
+    loss = model(**batch).loss
+    loss.backward()
+    allreduce_context_parallel_gradients(model)
+    grads = full_gradients(model)
+    opt.step()
+    outputs = {f"{prefix}loss": loss.detach()}
+    outputs.update({f"{prefix}grad/{n}": g for n, g in grads.items()})
+    outputs.update({f"{prefix}param/{n}": p for n, p in full_state_dict(model).items()})
+    return outputs
+
+
+def training_step(rank, cases=CASES):
+    """This rank's step of every case: loss, full gradients and full parameters after it."""
+    import torch_xla
+
+    from nxd_cp.models import transform
+
     outputs = {}
     for arch, comm in cases:
         model = transform(make_model(arch), configure(comm),
-                          vocab_parallel_logits=(arch, comm) in VOCAB_PARALLEL).to(dev)
+                          vocab_parallel_logits=(arch, comm) in VOCAB_PARALLEL)
+        model = model.to(torch_xla.device())
         model.tie_weights()  # moving to XLA unties Mistral's embeddings (docs/models.md)
-        opt = AdamW(model.parameters(), lr=LR, eps=EPS)
         dtype = torch.int64 if (arch, comm) in INT64_BATCH else torch.int32
-        batch = {k: v.to(dtype).to(dev) for k, v in
-                 get_batch_on_this_context_parallel_rank(make_batch(100)).items()}
-        loss = model(**batch).loss
-        loss.backward()
-        allreduce_context_parallel_gradients(model)
-        grads = full_gradients(model)
-        opt.step()
-        key = f"{arch}-{comm}"
-        outputs[f"{key}/loss"] = loss.detach()
-        outputs.update({f"{key}/grad/{n}": g for n, g in grads.items()})
-        outputs.update({f"{key}/param/{n}": p for n, p in full_state_dict(model).items()})
+        outputs.update(traced_step(model, dtype, prefix=f"{arch}-{comm}/"))
     return outputs
 
 
