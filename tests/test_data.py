@@ -62,3 +62,25 @@ def test_errors():
         get_batch(_batch(), cp_rank=0, cp_size=3)
     with pytest.raises(ValueError, match="attention_mask must be 2-D"):
         get_batch(_batch() | {"attention_mask": torch.ones(B, 1, S, S)}, cp_rank=0, cp_size=2)
+
+
+def test_batch_already_on_xla_is_read_in_one_transfer():
+    """A packed batch already on an XLA device: the checks, documents and layout read values,
+    so the batch is copied to the host once (it took 6 data-dependent reads, each a graph
+    sync), and the shards go back to the device. Exact: integers only."""
+    torch_xla = pytest.importorskip("torch_xla")
+    from nxd_cp.compat.torch_xla import transfers_from_device
+
+    dev = torch_xla.device()
+    ids = torch.randint(1, 50, (2, 32), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(10), torch.arange(22)]).expand(2, 32)  # two documents
+    host = {"input_ids": ids, "labels": ids.clone(), "position_ids": pos}
+    on_device = {k: v.to(dev) for k, v in host.items()}
+    torch_xla.sync()
+    before = transfers_from_device()
+    shard = get_batch(on_device, cp_rank=1, cp_size=2, config={"load_balance": "per_document"})
+    assert transfers_from_device() - before == 1
+    want = get_batch(host, cp_rank=1, cp_size=2, config={"load_balance": "per_document"})
+    assert set(shard) == set(want)
+    for key, value in shard.items():
+        assert value.device.type == "xla" and torch.equal(value.cpu(), want[key]), key

@@ -148,3 +148,20 @@ def compile_count() -> int:
     sample count; 0 before the first)."""
     data = _import("torch_xla.debug.metrics").metric_data("CompileTime")
     return int(data[0]) if data else 0
+
+
+def to_host(tensors: List[Any]) -> List[Any]:
+    """XLA tensors copied to the CPU in one transfer (``xla_model._maybe_convert_to_cpu``, one
+    sync for all of them), instead of one data-dependent read per use."""
+    xm = xla_model()
+    convert = getattr(xm, "_maybe_convert_to_cpu", None)
+    if convert is None:
+        return [t.cpu() for t in tensors]
+    return list(convert(list(tensors)))
+
+
+def transfers_from_device() -> int:
+    """How many device-to-host transfers torch-xla has made in this process (the
+    ``TransferFromDeviceTime`` metric's sample count)."""
+    data = _import("torch_xla.debug.metrics").metric_data("TransferFromDeviceTime")
+    return int(data[0]) if data else 0

@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from nxd_cp import parallel_state as ps
+from nxd_cp.compat import torch_xla as torch_xla_compat
 from nxd_cp.config import ContextParallelConfig, context_parallel_config_of
 from nxd_cp.sequence import packing
 from nxd_cp.sequence import validation as check
@@ -156,6 +157,7 @@ def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
     entry of ``SEQUENCE_KEYS`` is not ``[B, S, ...]`` with the same S >= 1 (e.g. 1-D
     ``input_ids``, ``labels`` shorter than ``input_ids``), or for a 4-D attention mask.
     """
+    batch, device = _on_host(batch)
     if cp_size is None:
         cp_size = ps.get_context_model_parallel_size()
     if cp_rank is None:
@@ -188,7 +190,22 @@ def get_batch_on_this_context_parallel_rank(batch: Mapping[str, Any],
             value = shard_sequence(value, SEQ_DIM, cp_rank, cp_size, load_balance,
                                    seq_idx=documents).contiguous()
         out[key] = value
+    if device is not None:  # back where the batch came from
+        out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
     return out
+
+
+def _on_host(batch: Mapping[str, Any]) -> Tuple[Mapping[str, Any], Optional[torch.device]]:
+    """A batch on an XLA device, copied to the host in one transfer (the checks, documents and
+    layouts read values: on the device each read would be a sync), and that device; else the
+    batch itself and None."""
+    keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.device.type == "xla"]
+    if not keys:
+        return batch, None
+    host = dict(batch)
+    for key, value in zip(keys, torch_xla_compat.to_host([batch[k] for k in keys])):
+        host[key] = value
+    return host, batch[keys[0]].device
 
 
 _LOGGED_DROP: list = []
