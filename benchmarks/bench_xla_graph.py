@@ -81,7 +81,7 @@ def _attention_tensors(cp: int, s_local: int, rank: int):
     import torch_xla
 
     from nxd_cp.attention import context_parallel_attention
-    from nxd_cp.topology.groups import GroupSpec
+    from nxd_cp.comm.base import GroupSpec  # (this name resolves in every baseline revision too)
 
     dev = torch_xla.device()
     _xla().reset_collective_token(dev)
