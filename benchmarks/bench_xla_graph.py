@@ -1,6 +1,6 @@
 """The XLA graphs of CP training: size, collectives, distinct graphs over ranks, compile, memory.
 
-Two graphs, each lowered by torch-xla on CPU for every rank of its world:
+Three graphs, lowered by torch-xla on CPU (the first two for every rank of their world):
 
 1. One layer's CP attention, forward + backward (ring ``p2p``, causal zigzag, 8 query / 2 KV
    heads, D = 64, B = 1, fp32) for each cp and S_local: HLO instructions and dots, collectives
@@ -8,7 +8,10 @@ Two graphs, each lowered by torch-xla on CPU for every rank of its world:
    names and source metadata: what ``neuron_parallel_compile`` would compile), f64 / s64
    instructions.
 2. One TP2 x CP2 training step of the tiny Llama of the tests (forward, vocab-parallel loss,
-   backward, CP gradient all-reduce, AdamW step): the same figures over its 4 ranks.
+   backward, CP gradient all-reduce, AdamW step): the same figures over its 4 ranks; per decoder
+   layer with and without activation checkpointing (1 and 2 layers).
+3. One 8B-like decoder layer at TP8 x CP4 (``xla_layer_memory.py``, ``--s-big``): XLA:CPU's
+   temp memory per layer beside docs/choosing.md's activation formula (rank 0 only).
 
 For rank 1's graph (rank 0's for the step): the XLA:CPU compile time
 (``nxd_cp.compat.torch_xla.warm_up_cache`` compiles without executing) and the compiled peak
@@ -35,6 +38,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import xla_layer_memory  # noqa: E402
 from common import ROOT, parser, print_table, write_json  # noqa: E402
 
 TESTS = os.path.join(ROOT, "tests")  # the XLA-execution harness (xla_exec) and test models
@@ -165,6 +169,8 @@ def worker(kind: str, cp: int, s_local: int, compile_max: int, distinct_max: int
            dump: str) -> dict:
     """One graph (``kind`` "attention" or "step"), in a process whose XLA_FLAGS dump to
     ``dump``."""
+    if kind.startswith("big"):  # the 8B-like layer (xla_layer_memory.py)
+        return xla_layer_memory.worker(kind, s_local, dump, _figures)
     if kind.startswith("layers"):  # "layers<L>" / "layers<L>ckpt": int32 batch, L layers
         world, first = TP * CP, 0
         ckpt, n_layers = "full" if kind.endswith("ckpt") else None, int(kind[6:7])
@@ -348,13 +354,15 @@ def main() -> None:
                         "instructions (XLA:CPU took > 14 GiB for 15,000)")
     p.add_argument("--distinct-max", type=int, default=16000,
                    help="lower every rank only for graphs of at most this many instructions")
+    p.add_argument("--s-big", type=int, default=8192, help="S_local of the 8B-like layer "
+                   "(TP8 x CP4, xla_layer_memory.py); 0: skip it")
     p.add_argument("--worker", help=argparse_hidden())
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(*json.loads(args.worker))))
         return
     if args.quick:
-        args.cp, args.s_local, args.baseline, args.s_long = [2, 4], [256], [], [8192]
+        args.cp, args.s_local, args.baseline, args.s_long, args.s_big = [2, 4], [256], [], [8192], 0
     trees = {"new": ROOT}
     for rev in args.baseline:
         trees[rev] = _baseline_tree(rev)
@@ -363,6 +371,8 @@ def main() -> None:
     long_jobs = [("attention", args.cp_long, s) for s in args.s_long]
     int32_job = ("step32", TP * CP, 0)
     layer_jobs = [(f"layers{n}{c}", TP * CP, 0) for c in ("", "ckpt") for n in (1, 2)]
+    layer_jobs += [(k, xla_layer_memory.CP8, args.s_big) for k in xla_layer_memory.KINDS
+                   if args.s_big]
     for key in jobs + long_jobs + [int32_job] + layer_jobs:
         # Long sequences: this checkout and the first baseline; int32 batch, layers: this one.
         subset = 1 if key in [int32_job] + layer_jobs else 2 if key in long_jobs else None
@@ -371,6 +381,7 @@ def main() -> None:
             print(name, rows[name][key], flush=True)
     report(rows, list(trees), args)
     report_layers(rows["new"])
+    xla_layer_memory.report({k[0]: r for k, r in rows["new"].items()}, args.s_big, print_table)
     write_json(args.json, {"rows": {n: list(r.values()) for n, r in rows.items()}})
 
 

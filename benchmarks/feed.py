@@ -74,6 +74,9 @@ class FeedTransport(Transport):
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
 
+    def all_to_all(self, x: torch.Tensor, split_dim: int, concat_dim: int) -> torch.Tensor:
+        raise NotImplementedError("FeedTransport feeds the K/V streams (p2p, all_gather) only")
+
 
 def fed_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: int, rank: int,
                        comm: str = "p2p") -> Tuple[Callable, Tuple[torch.Tensor, ...]]:

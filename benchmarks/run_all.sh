@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every benchmark, then write performance.md and performance.png (benchmarks/report.py).
 #
-#   benchmarks/run_all.sh                 full sizes (~9 min on 2 cores)  -> docs/
+#   benchmarks/run_all.sh                 full sizes (~12 min on 2 cores) -> docs/
 #   benchmarks/run_all.sh --quick         tiny sizes (about a minute)     -> a temporary folder
 #   benchmarks/run_all.sh [--quick] --out DIR
 #
@@ -32,8 +32,9 @@ echo "results: $results"
 export OMP_NUM_THREADS=1
 
 benches=(bench_load_balance bench_comm bench_memory bench_cpu_efficiency bench_e2e_cpu bench_gpu
-         bench_packing_balance bench_xla_graph bench_sequence_parallel)
-declare -A extra=([bench_cpu_efficiency]="--threads 1")
+         bench_packing_balance bench_xla_graph bench_sequence_parallel bench_pipeline
+         bench_model_state bench_convergence)
+declare -A extra=([bench_cpu_efficiency]="--threads 1" [bench_convergence]="--png $out/convergence.png")
 failed=()
 start=$SECONDS
 for b in "${benches[@]}"; do

@@ -10,7 +10,8 @@ The public API is what this module exports (see docs/api.md)::
     model(**batch).loss.backward()
     nxd_cp.allreduce_context_parallel_gradients(model)
 
-``transform``, ``full_state_dict``, ``models``, ``ArchitectureSpec`` and
+``transform``, ``full_state_dict``, ``from_pretrained`` / ``save_pretrained`` (Hugging Face
+checkpoint directories, ``nxd_cp.models.hf_checkpoint``), ``models``, ``ArchitectureSpec`` and
 ``register_architecture`` import ``nxd_cp.models`` (and transformers) on first use, so the rest
 works without it. Your own models: ``nxd_cp.nn`` (``ContextParallelAttention``,
 ``register_module``, ``parallelize``).
@@ -41,7 +42,9 @@ from nxd_cp.sequence.unshard import unshard_sequence
 
 _LAZY = {"transform": "nxd_cp.models", "full_state_dict": "nxd_cp.models",
          "models": "nxd_cp.models", "ArchitectureSpec": "nxd_cp.models",
-         "register_architecture": "nxd_cp.models"}
+         "register_architecture": "nxd_cp.models",
+         "from_pretrained": "nxd_cp.models.hf_checkpoint",
+         "save_pretrained": "nxd_cp.models.hf_checkpoint"}
 
 
 def __getattr__(name):
@@ -61,4 +64,5 @@ __all__ = ["parallel_state", "optim", "context_parallel_attention", "count_bytes
            "full_state_dict", "models", "save_checkpoint", "load_checkpoint", "has_checkpoint",
            "checkpoint_metadata", "ContextParallelAttention", "register_module",
            "parallelize", "ArchitectureSpec", "register_architecture", "clip_grad_norm",
-           "initialize_parallel_optimizer", "optimizer_state_bytes", "fully_shard"]
+           "initialize_parallel_optimizer", "optimizer_state_bytes", "fully_shard",
+           "from_pretrained", "save_pretrained"]

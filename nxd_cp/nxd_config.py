@@ -17,10 +17,13 @@ Differences from NxD, on purpose:
   NxD is in charge), and the validated config becomes parallel state's *active* config
   (``nxd_cp.config``): the data function, the attention and ``transform`` read it. Calling again
   with the same sizes replaces the active config; different sizes are an error.
-- Features that need NxD's wrappers (pipeline parallelism, LoRA, head padding, meta-device
-  init) raise ``NotImplementedError`` on the torch.distributed fallback
-  instead of being silently dropped. ``expert_parallel_size > 1`` and ``lnc_size != 1`` are
-  refused everywhere for now: ``nxd_cp.parallel_state`` does not forward them to NxD.
+- Pipeline parallelism runs on both paths: NxD's ``NxDPPModel`` when NxD is in charge,
+  ``torch.distributed.pipelining`` on the fallback (``pipeline_config``: ``num_microbatches``,
+  ``schedule``; ``nxd_cp.pipeline``).
+- Features that need NxD's wrappers (LoRA, head padding, meta-device init) raise
+  ``NotImplementedError`` on the torch.distributed fallback instead of being silently
+  dropped. ``expert_parallel_size > 1`` and ``lnc_size != 1`` are refused everywhere for
+  now: ``nxd_cp.parallel_state`` does not forward them to NxD.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch.distributed as dist
 
 from nxd_cp import parallel_state
-from nxd_cp.config import ContextParallelConfig
+from nxd_cp.config import ContextParallelConfig, check_a2a_size
+from nxd_cp.topology import subgroups
 from nxd_cp.nxd_subconfigs import (  # noqa: F401
     MixedPrecisionConfig,
     ModelInitConfig,
@@ -42,6 +46,7 @@ from nxd_cp.nxd_subconfigs import (  # noqa: F401
     _check_positive_int,
     _fields_from_dict,
     _shallow_dict,
+    pipeline_settings,
 )
 
 logger = logging.getLogger(__name__)
@@ -162,9 +167,9 @@ def _check_supported(cfg: NeuronxDistributedConfig, with_nxd: bool) -> None:
             "for lnc_size=1 (trn1) only")
     if with_nxd:
         return
+    if cfg.pipeline_parallel_size > 1:
+        pipeline_settings(cfg.pipeline_config)  # ValueError naming the key, up front
     needs_nxd = (  # (key, value, refused when, rule on the fallback)
-        ("pipeline_parallel_size", cfg.pipeline_parallel_size, cfg.pipeline_parallel_size > 1,
-         "must be 1"),
         ("pad_model", cfg.pad_model, cfg.pad_model, "must be False"),
         ("lora_config", cfg.lora_config, cfg.lora_config is not None, "must be None"),
         # activation_checkpoint_config runs everywhere: nxd_cp.transform applies it.
@@ -259,9 +264,10 @@ def neuronx_distributed_config(
     """NxD's ``neuronx_distributed_config`` with context parallelism; returns NxD's config dict.
 
     Arguments are NxD's (same names, defaults and meaning; see ``NeuronxDistributedConfig``)
-    plus ``context_parallel_config``, a dict with ``comm_type`` (``"p2p"`` | ``"all_gather"``,
-    default ``"p2p"``) and ``load_balance`` (``"zigzag"`` | ``"contiguous"`` |
-    ``"per_document"``, default ``"zigzag"``).
+    plus ``context_parallel_config``, a dict with ``comm_type`` (``"p2p"`` | ``"all_gather"`` |
+    ``"a2a"`` | ``"a2a+p2p"``, default ``"p2p"``), ``load_balance`` (``"zigzag"`` |
+    ``"contiguous"`` | ``"per_document"``, default ``"zigzag"``) and ``a2a_size`` (``"a2a+p2p"``
+    only: the all-to-all group size, dividing cp; its sub-groups are created here).
 
     When torch.distributed is initialised, checks that the world size is divisible by
     tp * cp * pp, initialises ``nxd_cp.parallel_state`` (NxD's too, when installed) unless it
@@ -271,7 +277,8 @@ def neuronx_distributed_config(
     default). When it is not initialised, process state is left alone, as NxD does.
 
     Returns a dict with NxD's keys (``tensor_parallel_size``, ..., ``context_parallel_size``,
-    ..., ``lnc_size``) plus ``"context_parallel_config"``: ``{"comm_type", "load_balance"}``.
+    ..., ``lnc_size``) plus ``"context_parallel_config"``: ``{"comm_type", "load_balance",
+    "a2a_size"}``.
 
     Raises ``ValueError`` for an invalid value or unknown key (the message names the key, the
     value and the rule), ``NotImplementedError`` for a feature nxd_cp cannot run here, and
@@ -284,6 +291,7 @@ def neuronx_distributed_config(
     if dist.is_available() and dist.is_initialized():
         _check_world(cfg)
         _initialize_parallel_state(cfg)
+        _build_context_subgroups(cfg)
         previous = parallel_state.get_training_config()
         parallel_state.set_training_config(cfg)
         if dist.get_rank() == 0 and previous != cfg:
@@ -291,6 +299,16 @@ def neuronx_distributed_config(
                         else "", result)
         _warn_unapplied_clipping(cfg)
     return result
+
+
+def _build_context_subgroups(cfg: NeuronxDistributedConfig) -> None:
+    """``a2a+p2p``: check ``a2a_size`` against cp and create the sub-groups now, on every rank
+    at once (``topology.subgroups``: a collective of the whole world, which the first attention
+    call of a pipelined model could not be)."""
+    cp_cfg = cfg.context_parallel_config
+    check_a2a_size(cp_cfg.comm_type, cp_cfg.a2a_size, cfg.context_parallel_size)
+    if cp_cfg.comm_type == "a2a+p2p" and cfg.context_parallel_size > 1:
+        subgroups.context_subgroups(parallel_state.get_group_spec("context"), cp_cfg.a2a_size)
 
 
 def _warn_unapplied_clipping(cfg: NeuronxDistributedConfig) -> None:

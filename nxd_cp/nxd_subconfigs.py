@@ -132,3 +132,53 @@ def _check_activation_checkpoint(value: Any) -> None:
     if not ok:
         raise ValueError(f"activation_checkpoint_config={value!r} is invalid: it must be None, "
                          "'full', a torch.nn.Module subclass or a non-empty list of them")
+
+
+# --- pipeline_config on the fallback ---------------------------------------------------------
+SCHEDULES = ("1F1B", "GPipe")
+# NxDPPModel arguments that only steer NxD's tracer / runtime memory: nxd_cp builds the stages
+# and their tracing itself (on both paths), so they are accepted without effect (named in
+# docs/api.md). The ones that would change what a step computes or reduces (loss spec, ZeRO-1 /
+# optimizer wrappers, cuts, interleaving) are set by nxd_cp and refused: a ValueError.
+NXD_ONLY_KEYS = frozenset({
+    "transformer_layer_cls", "input_names", "leaf_module_cls", "autowrap_functions",
+    "autowrap_modules", "autowrap_obj_methods", "tracer_cls", "param_init_fn",
+    "trace_file_path", "return_loss_on_cpu", "deallocate_pipeline_outputs", "auto_partition",
+    "fuse_microbatches"})
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """What the fallback reads from ``pipeline_config``.
+
+    num_microbatches: the batch's rows are cut into this many equal microbatches (dim 0).
+    schedule: ``"1F1B"`` (default; NxD's schedule) or ``"GPipe"``. The interleaved schedule
+        (NxD's ``virtual_pipeline_size > 1``) is not offered on the fallback.
+    """
+
+    num_microbatches: int = 1
+    schedule: str = "1F1B"
+
+
+def pipeline_settings(pipeline_config: Optional[Mapping[str, Any]]) -> PipelineSettings:
+    """Validate ``pipeline_config`` for the fallback; ``ValueError`` naming the key and rule."""
+    cfg = dict(pipeline_config or {})
+    m = cfg.pop("num_microbatches", 1)
+    schedule = cfg.pop("schedule", None)
+    vpp = cfg.pop("virtual_pipeline_size", 1)
+    unknown = sorted(k for k in cfg if k not in NXD_ONLY_KEYS)
+    if unknown:
+        raise ValueError(f"pipeline_config keys {unknown} are not supported: nxd_cp takes "
+                         f"num_microbatches, schedule {SCHEDULES} and NxD's tracer options "
+                         "(accepted without effect); the loss, the gradient reduction and the "
+                         "stage cuts are nxd_cp's")
+    for key, value in (("num_microbatches", m), ("virtual_pipeline_size", vpp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"pipeline_config[{key!r}]={value!r} must be an integer >= 1")
+    if vpp != 1:
+        raise ValueError(f"pipeline_config['virtual_pipeline_size']={vpp} is not supported: "
+                         "each rank holds one contiguous stage (no interleaved schedule); use 1")
+    schedule = "1F1B" if schedule is None else schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"pipeline_config['schedule']={schedule!r} must be one of {SCHEDULES}")
+    return PipelineSettings(m, schedule)

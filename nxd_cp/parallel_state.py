@@ -34,6 +34,7 @@ from nxd_cp.topology.groups import GroupSpec
 from nxd_cp.topology.layout import ParallelLayout, rank_ring_pairs, ring_pairs
 from nxd_cp.topology.nxd import NXD_GROUP_GETTERS, NxDDecision, decide, nxd_group_spec
 from nxd_cp.topology.process_groups import new_group_timeout, world_timeout
+from nxd_cp.topology import subgroups
 
 _KINDS = ("tensor", "context", "data", "data_context", "pipeline")
 RANK_AS_TENSOR_ENV = "NXD_CP_RANK_AS_TENSOR"
@@ -190,6 +191,7 @@ def destroy_model_parallel() -> None:
     config. Safe when unset."""
     global _STATE, _CONFIG, _NXD
     _NXD_SPECS.clear()
+    subgroups.clear()
     _CONFIG = None
     if _STATE is None:
         nps = _nxd_live()

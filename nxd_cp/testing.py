@@ -167,8 +167,10 @@ def _hung_report(procs, stack_dir, timeout, outs, errors) -> str:
 
 
 def activate_config(comm_type: str = "p2p", load_balance: str = "zigzag",
-                    sequence_parallel: bool = False) -> Dict[str, Any]:
-    """Make ``(comm_type, load_balance, sequence_parallel)`` the active config for the sizes of
+                    sequence_parallel: bool = False,
+                    a2a_size: Optional[int] = None) -> Dict[str, Any]:
+    """Make ``(comm_type, load_balance, sequence_parallel)`` (and ``a2a_size`` for
+    ``"a2a+p2p"``) the active config for the sizes of
     the current parallel state (1s when there is none), as ``neuronx_distributed_config`` does
     in a training script; returns the config dict (what ``nxd_cp.transform`` takes). With a
     torch.distributed world it *is* ``neuronx_distributed_config``; without one (a single
@@ -178,7 +180,8 @@ def activate_config(comm_type: str = "p2p", load_balance: str = "zigzag",
                   context_parallel_size=lay.cp if lay else 1,
                   sequence_parallel=sequence_parallel,
                   context_parallel_config={"comm_type": comm_type,
-                                           "load_balance": load_balance})
+                                           "load_balance": load_balance,
+                                           "a2a_size": a2a_size})
     if dist.is_available() and dist.is_initialized() and lay is not None:
         return neuronx_distributed_config(**kwargs)
     cfg = build_config(**kwargs)

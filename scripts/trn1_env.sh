@@ -39,8 +39,11 @@ EOF
 Options (environment variable in brackets, then the default):
   --tp N                tensor parallel size [TP_DEGREE] 8
   --cp N                context parallel size [CP_DEGREE] 4
-  --pp N                pipeline parallel size [PP_DEGREE] 1 (the example supports only 1)
-  --cp-comm-type T      p2p | all_gather [CP_COMM_TYPE] p2p
+  --pp N                pipeline parallel size [PP_DEGREE] 1 (on trn1 NxD's NxDPPModel
+                        runs the stages; docs/trn1.md)
+  --microbatches N      pipeline microbatches per step, divides --batch-size
+                        [NUM_MICROBATCHES] PP_DEGREE
+  --cp-comm-type T      p2p | all_gather | a2a [CP_COMM_TYPE] p2p (a2a: Hq/TP divisible by CP)
   --seq-len N           tokens per sequence [SEQ_LEN] 32768 (divisible by 2*CP: zigzag)
   --batch-size N        sequences per DP rank per step [MBS] 1
   --steps N             training steps [STEPS] 100
@@ -93,6 +96,7 @@ trn1_defaults() {
   CP_COMM_TYPE="${CP_COMM_TYPE:-p2p}"
   SEQ_LEN="${SEQ_LEN:-32768}"
   MBS="${MBS:-1}"
+  NUM_MICROBATCHES="${NUM_MICROBATCHES:-}"
   STEPS="${STEPS:-100}"
   COMPILE_STEPS="${COMPILE_STEPS:-5}"
   MODEL_CONFIG="${MODEL_CONFIG:-}"
@@ -119,6 +123,7 @@ trn1_option_var() {
     --cp-comm-type) echo CP_COMM_TYPE ;;
     --seq-len) echo SEQ_LEN ;;
     --batch-size) echo MBS ;;
+    --microbatches) echo NUM_MICROBATCHES ;;
     --steps) echo STEPS ;;
     --compile-steps) echo COMPILE_STEPS ;;
     --model-config) echo MODEL_CONFIG ;;
@@ -169,14 +174,18 @@ trn1_validate() {
   done
   trn1_check_int NODE_RANK "$NODE_RANK" 0
   [ -z "$NUM_PARALLEL" ] || trn1_check_int NUM_PARALLEL "$NUM_PARALLEL" 1
-  case "$CP_COMM_TYPE" in p2p | all_gather) ;;
-    *) trn1_die "CP_COMM_TYPE=$CP_COMM_TYPE is invalid: it must be p2p or all_gather" ;;
+  case "$CP_COMM_TYPE" in p2p | all_gather | a2a) ;;
+    *) trn1_die "CP_COMM_TYPE=$CP_COMM_TYPE is invalid: it must be p2p, all_gather or a2a" ;;
   esac
   case "$PRECISION" in bf16 | fp32) ;;
     *) trn1_die "PRECISION=$PRECISION is invalid: it must be bf16 or fp32" ;;
   esac
-  [ "$PP_DEGREE" -eq 1 ] || trn1_die "PP_DEGREE=$PP_DEGREE is not supported:" \
-    "examples/train_llama_cp.py has no pipeline parallelism (use 1)"
+  [ -n "$NUM_MICROBATCHES" ] || NUM_MICROBATCHES="$PP_DEGREE"
+  trn1_check_int NUM_MICROBATCHES "$NUM_MICROBATCHES" 1
+  if [ $((MBS % NUM_MICROBATCHES)) -ne 0 ]; then
+    trn1_die "MBS=$MBS is not divisible by NUM_MICROBATCHES=$NUM_MICROBATCHES: each" \
+      "pipeline microbatch is an equal block of the batch's rows"
+  fi
   [ "$NODE_RANK" -lt "$NNODES" ] ||
     trn1_die "NODE_RANK=$NODE_RANK is invalid: it must be < NNODES=$NNODES"
   if [ "$NNODES" -gt 1 ] && [ -z "$MASTER_ADDR" ]; then
@@ -244,6 +253,7 @@ trn1_command() {
   fi
   TRN1_CMD+=("$TRN1_REPO_ROOT/examples/train_llama_cp.py"
              --tensor_parallel_size "$TP_DEGREE" --context_parallel_size "$CP_DEGREE"
+             --pipeline_parallel_size "$PP_DEGREE" --num_microbatches "$NUM_MICROBATCHES"
              --cp_comm_type "$CP_COMM_TYPE" --seq_len "$SEQ_LEN" --batch_size "$MBS"
              --steps "$steps" --device xla
              # What a Llama-3.1-8B-sized model needs to fit (docs/choosing.md).

@@ -51,6 +51,12 @@ SLOW = (
     "test_xla_exec_models.py@run",  # 84 s
     "test_models.py@eight",  # 8 ranks on 2 cores: 33-99 s with the load
     "test_sequence_parallel.py@eight",  # 51-57 s
+    "test_pipeline.py@four",  # 13 cases in one 4-rank world
+    "test_pipeline.py@eight",  # 8 ranks on 2 cores
+    "test_attention_a2a.py",  # two 4-rank worlds of many cases: ~75 s each
+    "test_xla_exec_a2a.py",  # three lowered and executed worlds: ~90 s
+    "test_example_data.py",  # torchrun runs of the example from a checkpoint directory
+    "test_fsdp_checkpoint.py",  # two worlds (4 and 2 ranks): 38-128 s
 )
 
 

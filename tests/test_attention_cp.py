@@ -126,7 +126,8 @@ def _run_case(case, rank_in_cp, cp, tp_rank, inputs):
         out = context_parallel_attention(
             ql, kl, vl, causal=case["causal"], comm_type=case["comm"],
             window_size=case["window"], load_balance=layout,
-            key_padding_mask=shard(keep, 1) if case["padding"] else None, group=group)
+            key_padding_mask=shard(keep, 1) if case["padding"] else None, group=group,
+            a2a_size=case.get("a2a_size"))
         out.backward(shard(dout).to(dtype))
     finally:
         if case["kernel"] != "default":
@@ -172,8 +173,9 @@ def _scenario(rank, world, tp, cases):
 
 
 def _describe(case):
-    return (f"{case['comm']} causal={case['causal']} window={case['window']} {case['layout']} "
-            f"heads={case['heads']} d={case['d']} s={case['s']} kernel={case['kernel']} "
+    return (f"{case['comm']}{case.get('a2a_size') or ''} causal={case['causal']} "
+            f"window={case['window']} {case['layout']} heads={case['heads']} d={case['d']} "
+            f"s={case['s']} kernel={case['kernel']} "
             f"{case['dtype']} padding={case['padding']} "
             f"rank_as_tensor={case.get('rank_as_tensor', False)} "
             f"process_group={case.get('process_group', False)}")

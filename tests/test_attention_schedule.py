@@ -89,7 +89,8 @@ def test_bad_tensors(change, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(comm_type="ring"), r"comm_type='ring' must be one of \('p2p', 'all_gather'\)"),
+    (dict(comm_type="ring"),
+     r"comm_type='ring' must be one of \('p2p', 'all_gather', 'a2a', 'a2a\+p2p'\)"),
     (dict(load_balance="striped"), r"load_balance='striped' must be one of"),
     (dict(window_size=0), "window_size=0 must be None or an integer >= 1"),
     (dict(window_size=8, causal=False), "window_size=8 needs causal=True"),

@@ -45,3 +45,22 @@ def test_checkpointed_step_lowers_with_the_recompute():
         counts[ckpt] = sum(1 for ln in text.splitlines() if re.match(r"\s+(ROOT )?%\S+ = ", ln))
         assert ("opt-barrier(" in text) == (ckpt is not None)
     assert counts["full"] > counts[None], counts  # the layer's forward again in backward
+
+
+def test_8b_layer_formula_and_per_layer_temp():
+    """The 8B-like layer's formula is docs/choosing.md's (TP8, n = 8192, fp32: 1,048.2 MiB
+    without checkpointing, 128 MiB with) and the table takes 2 layers - 1 layer of the temp."""
+    _bench()
+    import xla_layer_memory as m
+    from common import print_table
+
+    assert m.formula_bytes(False, 8192) == 134_168 * 8192  # layer(8) = 134,168 B per token
+    assert m.formula_bytes(True, 8192) == 128 * 2**20  # e*h*n
+    temp = lambda t: dict(instructions=1000, buffers={"preallocated-temp": t})  # noqa: E731
+    rows = {"big1": temp(3 * 2**30), "big2": temp(3 * 2**30 + m.formula_bytes(False, 8192))}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        m.report(rows, 8192, print_table)
+    text = out.getvalue()
+    assert re.search(r"\| none .*\| 1,048\.2 +\| \+0\.0 +\| 1\.00 +\|", text), text  # = formula
+    assert "| full" not in text  # no checkpointed rows given: no row invented

@@ -34,7 +34,8 @@ def test_defaults_give_nxd_dict_plus_cp():
     assert set(cfg) == NXD_KEYS | {"context_parallel_config"}
     assert tuple(cfg)[:len(NXD_CONFIG_KEYS)] == NXD_CONFIG_KEYS
     assert cfg["context_parallel_size"] == 1 and cfg["lnc_size"] == 1
-    assert cfg["context_parallel_config"] == {"comm_type": "p2p", "load_balance": "zigzag"}
+    assert cfg["context_parallel_config"] == {"comm_type": "p2p", "load_balance": "zigzag",
+                                              "a2a_size": None}
     # NxD's defaults for the dict configs.
     assert cfg["optimizer_config"] == {"zero_one_enabled": False, "grad_clipping": True,
                                        "max_grad_norm": 1.0}
@@ -115,7 +116,7 @@ BAD = [
     (dict(lnc_size=-1), ValueError, r"lnc_size=-1 .*integer >= 1"),
     (dict(sequential_move_factor=0), ValueError, r"sequential_move_factor=0 .*integer >= 1"),
     (dict(context_parallel_config={"comm_type": "ring"}), ValueError,
-     r"context_parallel_config\['comm_type'\]='ring' .*\['p2p', 'all_gather'\]"),
+     r"context_parallel_config\['comm_type'\]='ring' .*\['p2p', 'all_gather', 'a2a', 'a2a\+p2p'\]"),
     (dict(context_parallel_config={"load_balance": "random"}), ValueError,
      r"context_parallel_config\['load_balance'\]='random' .*"
      r"\['zigzag', 'contiguous', 'per_document'\]"),
@@ -142,8 +143,11 @@ BAD = [
     (dict(pipeline_parallel_size=2), ValueError,
      r"pipeline_config=None .*pipeline_parallel_size=2"),
     # Features that need NxD's wrappers: NotImplementedError on the fallback.
-    (dict(pipeline_parallel_size=2, pipeline_config={}), NotImplementedError,
-     r"pipeline_parallel_size=2 needs NeuronX Distributed.*must be 1"),
+    # pipeline_config is checked up front on the fallback (torch.distributed.pipelining)
+    (dict(pipeline_parallel_size=2, pipeline_config={"num_microbatches": 0}), ValueError,
+     r"pipeline_config\['num_microbatches'\]=0 must be an integer >= 1"),
+    (dict(pipeline_parallel_size=2, pipeline_config={"pipeline_cuts": ["x"]}), ValueError,
+     r"pipeline_config keys \['pipeline_cuts'\] are not supported: nxd_cp takes"),
     (dict(expert_parallel_size=2), NotImplementedError,
      r"expert_parallel_size=2 is not supported"),
     (dict(lnc_size=2), NotImplementedError, r"lnc_size=2 is not supported"),
@@ -264,7 +268,8 @@ def test_config_initialises_parallel_state_on_four_ranks(four_ranks):
         assert got["first"] == "ok", got["cfg"]
         assert got["cfg"] == {"tensor_parallel_size": 2, "context_parallel_size": 2,
                               "context_parallel_config": {"comm_type": "all_gather",
-                                                          "load_balance": "zigzag"}}
+                                                          "load_balance": "zigzag",
+                                                          "a2a_size": None}}
         assert got["cp_groups"] == [[0, 2], [1, 3]]
         assert got["tp_groups"] == [[0, 1], [2, 3]]
         assert got["sizes"] == (2, 2, 1)

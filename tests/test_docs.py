@@ -21,7 +21,7 @@ MODULES = ("nxd_cp", "nxd_cp.parallel_state", "nxd_cp.sequence.layout", "nxd_cp.
            "nxd_cp.comm", "nxd_cp.models", "nxd_cp.nn", "nxd_cp.config", "nxd_cp.nxd_config",
            "nxd_cp.sequence.batch", "nxd_cp.training.loss", "nxd_cp.training.grads",
            "nxd_cp.training.checkpoint", "nxd_cp.testing", "nxd_cp.sequence.packing",
-           "nxd_cp.training.optim", "nxd_cp.layers")
+           "nxd_cp.training.optim", "nxd_cp.layers", "nxd_cp.plan")
 
 
 def public_names(module_name: str) -> list[str]:

@@ -32,7 +32,14 @@ def run_example(tmp_path, nproc, *args, env_extra=None):
      "--load_balance", "per_document"],
     # activation_checkpoint_config="full" through the example's flag
     ["--tensor_parallel_size", "2", "--context_parallel_size", "2", "--gradient_checkpointing"],
-], ids=["tp2xcp2-p2p", "cp2xdp2-allgather", "tp2xcp2-sp", "tp2xcp2-packed", "tp2xcp2-ckpt"])
+    # pipeline: TP1 x CP2 x PP2, two microbatches of one row each (model.run_train), with
+    # ZeRO-1 over DP x CP (its step does not reduce again: run_train did)
+    ["--context_parallel_size", "2", "--pipeline_parallel_size", "2", "--batch_size", "2",
+     "--zero1"],
+    # Ulysses all-to-all over CP4 (8 query heads: 2 per rank; 2 KV heads replicated to 4)
+    ["--context_parallel_size", "4", "--cp_comm_type", "a2a"],
+], ids=["tp2xcp2-p2p", "cp2xdp2-allgather", "tp2xcp2-sp", "tp2xcp2-packed", "tp2xcp2-ckpt",
+        "cp2xpp2", "cp4-a2a"])
 def test_example_matches_unmodified_model(tmp_path, args):
     if "--packed" in args:  # data of short paragraphs: several documents in every 512-token row
         import random

@@ -15,9 +15,10 @@ COMPILE = ROOT / "scripts" / "neuron_parallel_compile.sh"
 EXAMPLE = str(ROOT / "examples" / "train_llama_cp.py")
 
 # Variables a caller's shell (or Slurm) may have set that the launchers read.
-_LAUNCHER_VARS = ("TP_DEGREE", "CP_DEGREE", "PP_DEGREE", "CP_COMM_TYPE", "SEQ_LEN", "MBS",
-                  "STEPS", "COMPILE_STEPS", "MODEL_CONFIG", "DATA_PATH", "NPROC_PER_NODE",
-                  "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NEURON_CACHE_DIR",
+_LAUNCHER_VARS = ("TP_DEGREE", "CP_DEGREE", "PP_DEGREE", "NUM_MICROBATCHES", "CP_COMM_TYPE",
+                  "SEQ_LEN", "MBS", "STEPS", "COMPILE_STEPS", "MODEL_CONFIG", "DATA_PATH",
+                  "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+                  "NEURON_CACHE_DIR",
                   "PRECISION", "LOG_DIR", "NUM_PARALLEL", "NEURON_CC_EXTRA_FLAGS",
                   "NEURON_EXTRACT_GRAPHS_ONLY", "SLURM_NNODES", "SLURM_NODEID",
                   "SLURM_JOB_NODELIST")
@@ -128,6 +129,20 @@ def test_compile_wraps_in_neuron_parallel_compile_with_few_steps():
     assert cmd[3:cmd.index("--steps")] == run_cmd[:run_cmd.index("--steps")]
 
 
+def test_70b_layout_tp32_cp2_pp8_on_16_nodes():
+    """NxD's Llama-3-70B CP recipe layout: TP32 x CP2 x PP8 over 16 trn1.32xlarge (512 ranks),
+    DP 1, 8 microbatches of one sequence each."""
+    rc, out, err = launch(RUN, "--dry-run", "--tp", "32", "--cp", "2", "--pp", "8",
+                          "--batch-size", "8", "--nnodes", "16", "--node-rank", "3",
+                          "--master-addr", "node0", "--seq-len", "16384")
+    assert rc == 0, err
+    layout, _, cmd = parse_dry_run(out)
+    assert "world 512" in layout and "TP=32 CP=2 PP=8 -> DP=1" in layout, layout
+    assert flag(cmd, "--pipeline_parallel_size") == "8"
+    assert flag(cmd, "--num_microbatches") == "8"
+    assert flag(cmd, "--node_rank") == "3"
+
+
 def test_run_under_graph_extraction_uses_compile_steps():
     rc, out, err = launch(RUN, "--dry-run", "--compile-steps", "3",
                           NEURON_EXTRACT_GRAPHS_ONLY="1")
@@ -142,7 +157,8 @@ def test_run_under_graph_extraction_uses_compile_steps():
     (["--seq-len", "1001"], {}, r"SEQ_LEN=1001 is not divisible by 2\*CP_DEGREE=8"),
     (["--tp", "0"], {}, r"TP_DEGREE=0 is invalid: it must be an integer >= 1"),
     (["--cp-comm-type", "ring"], {}, r"CP_COMM_TYPE=ring is invalid"),
-    (["--pp", "2"], {}, r"PP_DEGREE=2 is not supported"),
+    (["--pp", "2"], {}, r"MBS=1 is not divisible by NUM_MICROBATCHES=2"),
+    (["--microbatches", "0"], {}, r"NUM_MICROBATCHES=0 is invalid"),
     ([], {"NNODES": "2"}, r"MASTER_ADDR is empty with NNODES=2"),
     (["--node-rank", "2", "--nnodes", "2", "--master-addr", "h"], {},
      r"NODE_RANK=2 is invalid: it must be < NNODES=2"),

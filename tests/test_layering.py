@@ -21,7 +21,7 @@ PACKAGE = ROOT / "nxd_cp"
 # The layer of each package / top-level module: a module may import only lower layers, or its
 # own package. Order: compat, nxd_subconfigs (leaves) < topology, config < parallel_state,
 # comm < sequence < attention,
-# tensor_parallel < training, nxd_config < nn < models < testing < the facade and aliases.
+# tensor_parallel < training, nxd_config < pipeline, nn < models < testing < the facade and aliases.
 LAYERS = {
     "nxd_cp.compat": 0,
     "nxd_cp.nxd_subconfigs": 0,
@@ -29,8 +29,8 @@ LAYERS = {
     "nxd_cp.parallel_state": 2, "nxd_cp.comm": 2,
     "nxd_cp.sequence": 3,
     "nxd_cp.attention": 4, "nxd_cp.tensor_parallel": 4,
-    "nxd_cp.training": 5, "nxd_cp.pipeline": 5, "nxd_cp.nxd_config": 5,
-    "nxd_cp.nn": 6,
+    "nxd_cp.training": 5, "nxd_cp.nxd_config": 5,
+    "nxd_cp.pipeline": 6, "nxd_cp.nn": 6,
     "nxd_cp.models": 7, "nxd_cp.plan": 7,
     "nxd_cp.testing": 8,
     "nxd_cp": 9,

@@ -84,11 +84,14 @@ def make_batch(seed, padded=False):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+A2A_SIZE = 2  # comm "a2a+p2p" in these tests: all-to-all inside pairs of CP ranks
+
+
 def configure(comm="p2p", layout="zigzag", sp=False):
     """The active config for the current sizes (``nxd_cp.testing.activate_config``)."""
     from nxd_cp.testing import activate_config
 
-    return activate_config(comm, layout, sp)
+    return activate_config(comm, layout, sp, A2A_SIZE if comm == "a2a+p2p" else None)
 
 
 def rel(a, b):
@@ -225,9 +228,13 @@ FOUR_PLANS = {
         ("llama", "p2p", {"padded": True}), ("mistral", "all_gather", {"padded": True}),
         ("gpt_neox", "p2p", {"padded": True}), ("llama", "all_gather", {"ckpt": True}),
         ("mistral", "p2p", {"ckpt": True}), ("gpt_neox", "all_gather", {"ckpt": True}),
-        ("llama", "p2p", {"vocab_parallel": True}), ("mistral", "p2p", {"meta": True})],
+        ("llama", "p2p", {"vocab_parallel": True}), ("mistral", "p2p", {"meta": True}),
+        # all-to-all (Ulysses): Hq/tp = 2 heads over cp = 2; Mistral's 1 KV head replicated
+        ("llama", "a2a", {}), ("mistral", "a2a", {"padded": True}), ("llama", "a2a", {"sp": True})],
     (1, 4): [(a, c, {}) for a in ARCHS for c in ("p2p", "all_gather")] + [
-        ("mistral", "p2p", {"padded": True, "ckpt": True})],
+        ("mistral", "p2p", {"padded": True, "ckpt": True}),
+        ("llama", "a2a", {}), ("mistral", "a2a+p2p", {}),
+        ("gpt_neox", "a2a+p2p", {"padded": True})],
     (4, 1): [(a, "p2p", {}) for a in ARCHS] + [("llama", "p2p", {"ckpt": True})],
 }
 # One 8-rank world, TP2 x CP2 x DP2.
@@ -333,8 +340,9 @@ def assert_training_case(world_results, key):
 
 def test_case_lists():
     """TP2xCP2, TP1xCP4, TP4xCP1; all archs; p2p and all_gather; padded, checkpointed, vocab-
-    parallel logits and meta-device cases (25), and TP2xCP2xDP2 (3): one test each below."""
-    assert len(FOUR_KEYS) == len(set(FOUR_KEYS)) == 25
+    parallel logits and meta-device cases (25), a2a / a2a+p2p (6), and TP2xCP2xDP2 (3): one
+    test each below."""
+    assert len(FOUR_KEYS) == len(set(FOUR_KEYS)) == 31
     assert len(EIGHT_KEYS) == len(set(EIGHT_KEYS)) == 3
 
 

@@ -91,7 +91,8 @@ def run_case(arch, comm, layout, fmt, docs, ref, drop_documents=False):
     from nxd_cp.testing import activate_config
     from nxd_cp.training.grads import allreduce_context_parallel_gradients
 
-    model = transform(make_model(arch), activate_config(comm, layout))
+    model = transform(make_model(arch), activate_config(
+        comm, layout, a2a_size=2 if comm == "a2a+p2p" else None))
     batch = get_batch_on_this_context_parallel_rank(packed_batch(docs, fmt))
     if drop_documents:  # negative control: attention across documents
         batch.pop("seq_idx")
@@ -111,7 +112,10 @@ PLANS = {
     (2, 2): [(a, c, lb) for a in ("llama", "mistral") for c in ("p2p", "all_gather")
              for lb in ("zigzag", "per_document")],
     (1, 4): [("llama", "p2p", "per_document"), ("mistral", "all_gather", "per_document"),
-             ("llama", "all_gather", "zigzag"), ("mistral", "p2p", "contiguous")],
+             ("llama", "all_gather", "zigzag"), ("mistral", "p2p", "contiguous"),
+             # all-to-all: Ulysses over 4, and a2a in pairs with the ring across
+             ("llama", "a2a", "per_document"), ("mistral", "a2a+p2p", "per_document"),
+             ("llama", "a2a+p2p", "zigzag")],
 }
 
 

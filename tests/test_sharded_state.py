@@ -156,7 +156,7 @@ def test_fully_shard(eight, case):
     for got, want in zip(r0["norms"], r0["ref_norms"]):
         assert _rel(got, want) <= (5e-2 if bf16 else 1e-5), (got, want)
     assert r0["reduce_twice"] and "FSDP2" in r0["reduce_twice"]  # refused, with the reason
-    assert r0["checkpoint"] and "unsharded(model)" in r0["checkpoint"]
+    # FSDP2 checkpoints (DCP, exact resume, another dp*cp): tests/test_fsdp_checkpoint.py
     for r in per_rank:
         # Parameters, gradients and momentum are each ~1/(dp*cp) of the TP shard: FSDP pads
         # dim 0 to a multiple of dp*cp, at most one row per parameter (< 3 % here).

@@ -100,7 +100,8 @@ def attention_step(cp, case_map, seed):
             out = context_parallel_attention(
                 ql, kl, vl, causal=case["causal"], comm_type=case["comm"],
                 window_size=case["window"], load_balance=case["layout"],
-                key_padding_mask=keep.to(dev) if case["padding"] else None)
+                key_padding_mask=keep.to(dev) if case["padding"] else None,
+                a2a_size=case.get("a2a_size"))
             out.backward(dout.to(dev))
             outputs.update({f"{name}/out": out, f"{name}/dq": ql.grad, f"{name}/dk": kl.grad,
                             f"{name}/dv": vl.grad})

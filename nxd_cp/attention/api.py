@@ -4,8 +4,9 @@ Validates its inputs (once: the algorithms below trust them), takes ``comm_type`
 ``load_balance`` as given (explicit defaults ``"p2p"``, ``"zigzag"``: nothing is read from a
 global config), resolves ``group=None`` to the CP group of ``parallel_state``, picks the
 transport from the tensors' device and runs the K/V stream of the comm type
-(``streams.stream_attention``: ring or all-gather). A CP group of size 1 runs the local kernel
-without communication.
+(``streams.stream_attention``: ring or all-gather; ``all_to_all.a2a_attention``: a2a and
+a2a+p2p, whose sub-groups come from ``topology.subgroups``). A CP group of size 1 runs the
+local kernel without communication.
 """
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ from typing import Optional
 
 import torch
 
+from nxd_cp.attention.all_to_all import a2a_attention, kv_repeats, split_for
 from nxd_cp.attention.dispatch import local_attention
 from nxd_cp.attention.documents import PackedDocuments, local_document_mask
-from nxd_cp.attention.schedule import BlockMask
+from nxd_cp.attention.parts import RankIndex
+from nxd_cp.attention.schedule import BlockMask, make_plan
 from nxd_cp.attention.streams import stream_attention
 from nxd_cp.comm import get_transport
-from nxd_cp.config import COMM_TYPES
+from nxd_cp.config import COMM_TYPES, check_a2a_size
 from nxd_cp.parallel_state import resolve_group
 from nxd_cp.sequence.layout import check_load_balance, check_sequence_length
 from nxd_cp.topology.agreement import attention_signature, check_group_agreement
+from nxd_cp.topology.subgroups import context_subgroups
 
 
 def _validate(q, k, v, causal, comm_type, window_size, key_padding_mask) -> None:
@@ -91,19 +95,24 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                load_balance: str = "zigzag", group=None,
                                key_padding_mask: Optional[torch.Tensor] = None,
                                seq_idx: Optional[torch.Tensor] = None,
-                               position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                               position_ids: Optional[torch.Tensor] = None,
+                               a2a_size: Optional[int] = None) -> torch.Tensor:
     """Exact attention of this rank's sequence shard against the whole sequence of its CP group.
 
     q [B, Hq, S_local, D]; k, v [B, Hkv, S_local, D] with Hq % Hkv == 0 (K/V are exchanged with
-    their Hkv heads, never repeated). The inputs are this rank's shard in the ``load_balance``
+    their Hkv heads, never repeated; a2a repeats them only when Hkv does not split over its
+    group). The inputs are this rank's shard in the ``load_balance``
     layout (``nxd_cp.sequence.layout.shard_sequence``). Returns [B, Hq, S_local, D] in q's dtype.
 
     causal: causal mask on global positions; window_size: sliding window (key j visible to
     query i iff j <= i and i - j < window_size, needs causal); softmax_scale: default
-    1/sqrt(D); comm_type: "p2p" (ring) or "all_gather"; load_balance: "zigzag", "contiguous" or
-    "per_document" (a model from ``transform`` passes its bound config's); group: None for the CP
-    group of ``parallel_state``, or a ``GroupSpec`` / ProcessGroup; key_padding_mask: bool
-    [B, S_local], True for real tokens of this shard (its key part travels with K/V).
+    1/sqrt(D); comm_type: "p2p" (ring), "all_gather", "a2a" (Ulysses: all-to-all over the
+    CP group, ``Hq`` divisible by cp) or "a2a+p2p" (all-to-all inside groups of ``a2a_size``
+    contiguous CP ranks, the ring across them; ``all_to_all.py``); load_balance: "zigzag",
+    "contiguous" or "per_document" (a model from ``transform`` passes its bound config's);
+    group: None for the CP group of ``parallel_state``, or a ``GroupSpec`` / ProcessGroup;
+    key_padding_mask: bool [B, S_local], True for real tokens of this shard (its key part
+    travels with K/V). a2a_size: ``"a2a+p2p"`` only, dividing the CP size.
     seq_idx: packed documents, int [B, S_local]: the document index of each of this rank's
     tokens (non-decreasing along the full sequence, a document is a run of equal ids, as
     ``get_batch_on_this_context_parallel_rank`` returns it); a query then sees only keys of its
@@ -113,22 +122,29 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """
     _validate(q, k, v, causal, comm_type, window_size, key_padding_mask)
     check_load_balance(load_balance)
+    check_a2a_size(comm_type, a2a_size)
     per_document = load_balance == "per_document"
     if isinstance(group, str):
         raise ValueError(f"group={group!r} must be None (the CP group of parallel_state), a "
                          "GroupSpec or a torch.distributed ProcessGroup, not a string")
     spec = resolve_group(group)
+    check_a2a_size(comm_type, a2a_size, spec.size)
     seq_len = q.shape[2] * spec.size
     check_sequence_length(seq_len, spec.size, load_balance,
                           f"local sequence length {q.shape[2]} is not a {load_balance} shard: "
                           "the full sequence length")
     # Only per_document with a window reads positions (its positions depend on the documents).
     positions = per_document and window_size is not None and spec.size > 1
+    a2a = comm_type in ("a2a", "a2a+p2p") and spec.size > 1
+    n = split_for(comm_type, a2a_size, spec.size) if a2a else 1
+    if a2a:
+        kv_repeats(q.shape[1], k.shape[1], n)  # ValueError naming the head counts, up front
     _validate_documents(q, seq_idx, position_ids if positions else None,
                         positions and seq_idx is not None)
     check_group_agreement("context_parallel_attention", attention_signature(
         q, k, causal, comm_type, window_size, softmax_scale, load_balance,
-        key_padding_mask is not None, seq_idx is not None), spec)  # host-side, once per signature
+        key_padding_mask is not None, seq_idx is not None, a2a_size),
+        spec)  # host-side, once per signature
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if spec.size == 1:  # every layout is the identity: static positions
         mask = BlockMask(0, 0, causal=True, window=window_size) if causal else None
@@ -139,6 +155,20 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     transport = get_transport(spec, q.device)
     # The mask travels as uint8: not every backend moves bool tensors.
     keep = None if key_padding_mask is None else key_padding_mask.to(torch.uint8)
+    if a2a:
+        if seq_idx is not None:  # the ids' order, checked in this CP layout (every rank)
+            PackedDocuments(seq_idx.to(q.device), per_document).summarize(
+                make_plan(spec.size, seq_len, "zigzag" if per_document else load_balance,
+                          causal, window_size), transport,
+                RankIndex(transport.rank_value(q.device)))
+        inner, outer = context_subgroups(spec, n)
+        return a2a_attention(
+            q, k, v, keep, inner=get_transport(inner, q.device),
+            outer=get_transport(outer, q.device), seq_len=seq_len, load_balance=load_balance,
+            causal=causal, window=window_size, scale=scale,
+            seq_idx=None if seq_idx is None else seq_idx.to(q.device),
+            position_ids=position_ids.to(q.device) if positions else None,
+            positions=positions)
     documents = None
     if seq_idx is not None:
         documents = PackedDocuments(seq_idx.to(q.device), per_document,

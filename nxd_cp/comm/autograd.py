@@ -8,6 +8,7 @@
 | scatter_to_group   | keep own chunk          | all-gather                        |
 | copy_to_group      | identity                | all-reduce                        |
 | reduce_from_group  | all-reduce              | identity                          |
+| all_to_all         | split a dim, concat another | the inverse all-to-all        |
 
 ``gather_from_group`` / ``scatter_to_group`` / ``copy_to_group`` / ``reduce_from_group`` are the
 tensor-parallel mappings (Megatron / NxD ``mappings.py`` semantics); ``all_gather`` is the one
@@ -97,6 +98,23 @@ class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g, None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, split_dim, concat_dim, transport):
+        ctx.dims, ctx.transport = (split_dim, concat_dim), transport
+        return transport.all_to_all(x, split_dim, concat_dim)
+
+    @staticmethod
+    def backward(ctx, g):  # the inverse exchange: split where forward concatenated
+        split_dim, concat_dim = ctx.dims
+        return ctx.transport.all_to_all(g, concat_dim, split_dim), None, None, None
+
+
+def all_to_all(x: torch.Tensor, split_dim: int, concat_dim: int,
+               transport: Transport) -> torch.Tensor:
+    return x if transport.size == 1 else _AllToAll.apply(x, split_dim, concat_dim, transport)
 
 
 def all_gather(x: torch.Tensor, dim: int, transport: Transport) -> torch.Tensor:

@@ -52,7 +52,9 @@ class Transport(ABC):
 
     Shapes: ``all_gather`` concatenates the ranks' tensors along ``dim`` in group order;
     ``reduce_scatter`` sums over the group and returns chunk ``rank`` of ``dim`` (size must
-    divide); ``ring_shift_start`` sends to group index ``rank + direction`` and receives from
+    divide); ``all_to_all`` cuts ``split_dim`` into ``size`` chunks, sends chunk ``j`` to group
+    index ``j`` and concatenates what it receives along ``concat_dim`` in group order;
+    ``ring_shift_start`` sends to group index ``rank + direction`` and receives from
     ``rank - direction`` (mod size).
     """
 
@@ -75,6 +77,9 @@ class Transport(ABC):
 
     @abstractmethod
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def all_to_all(self, x: torch.Tensor, split_dim: int, concat_dim: int) -> torch.Tensor: ...
 
     @abstractmethod
     def ring_shift_start(self, x: torch.Tensor, direction: int = 1) -> PendingTensor:
@@ -103,7 +108,8 @@ class Transport(ABC):
 # ---------------------------------------------------------------------------------------------
 # Byte tally (benchmarks): bytes this rank sends, by primitive, using the bandwidth-optimal
 # algorithm's volume (ring all-gather sends (n-1) local chunks, reduce-scatter (n-1)/n of its
-# input, all-reduce 2(n-1)/n, a ring shift the whole tensor). A figure of the algorithm, not of
+# input, all-reduce 2(n-1)/n, all-to-all the (n-1)/n of its input that leaves the rank, a ring
+# shift the whole tensor). A figure of the algorithm, not of
 # a particular backend's implementation, so it is the same on gloo, NCCL and XLA.
 # ---------------------------------------------------------------------------------------------
 # Active tallies of the process. Process-wide, not per thread or context: autograd runs device
@@ -150,7 +156,7 @@ def record(primitive: str, x: torch.Tensor, n: int) -> None:
         return
     nbytes = x.numel() * x.element_size()
     factor = {"all_gather": n - 1, "reduce_scatter": (n - 1) / n, "all_reduce": 2 * (n - 1) / n,
-              "ring_shift": 1}[primitive]
+              "all_to_all": (n - 1) / n, "ring_shift": 1}[primitive]
     with _LOCK:
         for tally in _ACTIVE:
             tally.add(primitive, round(nbytes * factor))

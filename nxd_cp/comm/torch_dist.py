@@ -55,6 +55,22 @@ class TorchDistTransport(Transport):
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.pg)
         return out
 
+    def all_to_all(self, x: torch.Tensor, split_dim: int, concat_dim: int) -> torch.Tensor:
+        n = self.size
+        if n == 1:
+            return x
+        self._check_divisible(x, split_dim, "all_to_all")
+        record("all_to_all", x, n)
+        split_dim, concat_dim = split_dim % x.dim(), concat_dim % x.dim()
+        # [n, ...chunk...]: chunk j (of split_dim) first, so dim 0 is what all_to_all_single cuts
+        front = x.unflatten(split_dim, (n, x.shape[split_dim] // n)).movedim(split_dim, 0)
+        front = front.contiguous()
+        out = torch.empty_like(front)
+        dist.all_to_all_single(out, front, group=self.pg)
+        # out[i] came from group index i: put i just before concat_dim and merge the two
+        out = out.movedim(0, concat_dim)
+        return out.flatten(concat_dim, concat_dim + 1).contiguous()
+
     def ring_shift_start(self, x: torch.Tensor, direction: int = 1) -> PendingTensor:
         self._check_direction(direction)
         n = self.size

@@ -52,6 +52,14 @@ class XlaTransport(Transport):
         xm = _xm()
         return xm.all_reduce(xm.REDUCE_SUM, x, groups=self.replica_groups, pin_layout=False)
 
+    def all_to_all(self, x: torch.Tensor, split_dim: int, concat_dim: int) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        self._check_divisible(x, split_dim, "all_to_all")
+        record("all_to_all", x, self.size)
+        return _xm().all_to_all(x, split_dim % x.dim(), concat_dim % x.dim(), self.size,
+                                groups=self.replica_groups, pin_layout=False)
+
     def ring_shift_start(self, x: torch.Tensor, direction: int = 1) -> PendingTensor:
         self._check_direction(direction)
         if self.size == 1:

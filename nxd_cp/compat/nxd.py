@@ -76,3 +76,17 @@ def platform_target() -> Optional[str]:
         return get_platform_target()
     except Exception:  # noqa: BLE001 - absent off Neuron
         return None
+
+
+def pipeline_model(module: Any, **kwargs: Any) -> Any:
+    """NxD's ``NxDPPModel(module, **kwargs)`` built for nxd_cp's pipelined models
+    (``pipeline.nxd_engine``): traced and partitioned at construction (``pipeline_cuts`` and
+    ``input_names`` given), gradients all-reduced by NxD over DP x CP
+    (``use_optimizer_wrapper=False``, no ZeRO-1), the loss returned on the last stage only
+    (nxd_cp broadcasts it). Public constructor arguments only.
+    """
+    from neuronx_distributed.pipeline import NxDPPModel
+    return NxDPPModel(module, output_loss_value_spec=True, return_mb_loss=False,
+                      broadcast_and_average_loss=False, use_zero1_optimizer=False,
+                      use_optimizer_wrapper=False, use_model_wrapper=False,
+                      return_loss_on_cpu=False, tracer_cls="torch", **kwargs)

@@ -11,7 +11,9 @@ never an ``AttributeError`` deep in a step.
 * CPU fused flash attention with its LSE: ``aten._scaled_dot_product_flash_attention_for_cpu``
   (and ``_backward``);
 * CUDA memory-efficient attention: ``aten._scaled_dot_product_efficient_attention`` (and
-  ``_backward``).
+  ``_backward``);
+* pipelining's stage warm-up ``PipelineStage._get_init_p2p_neighbors_ops`` (a torch 2.9 gloo
+  bug worked around there, version-gated: ``pipeline_stage_class``).
 """
 from __future__ import annotations
 
@@ -131,3 +133,35 @@ def cuda_efficient_attention_backward(dout, q, k, v, out, lse, is_causal: bool, 
     dq, dk, dv, _ = op(dout, q, k, v, None, out, lse, no_dropout, no_dropout, 0.0,
                        [True, True, True, False], is_causal, scale=scale)
     return dq, dk, dv
+
+
+# --- torch.distributed.pipelining -------------------------------------------------------------
+def _p2p_warmup_in_float32(ops):
+    """torch 2.9.0's stage warm-up (``_get_init_p2p_neighbors_ops``) sends an int64 scalar into
+    a float32 receive buffer; gloo checks sizes and fails (``8 vs 4``; fixed upstream after
+    2.9.0, pytorch PR #165539). The warm-up only opens the connections: send float32 instead."""
+    fixed = []
+    for op in ops:
+        if op.tensor.dtype == torch.int64:
+            op = dist.P2POp(op.op, op.tensor.to(torch.float32), group=op.group,
+                            group_peer=op.group_peer)
+        fixed.append(op)
+    return fixed
+
+
+def pipeline_stage_class():
+    """``torch.distributed.pipelining.PipelineStage``; on torch 2.9 a subclass whose warm-up
+    sends float32 (``_p2p_warmup_in_float32``), later versions unchanged."""
+    from torch.distributed.pipelining import PipelineStage
+
+    if not torch.__version__.startswith("2.9."):
+        return PipelineStage
+    if not hasattr(PipelineStage, "_get_init_p2p_neighbors_ops"):
+        raise RuntimeError(f"PipelineStage._get_init_p2p_neighbors_ops is missing in "
+                           f"{version_note()}")
+
+    class _Float32WarmupStage(PipelineStage):
+        def _get_init_p2p_neighbors_ops(self):
+            return _p2p_warmup_in_float32(super()._get_init_p2p_neighbors_ops())
+
+    return _Float32WarmupStage

@@ -63,5 +63,12 @@ def own_gradient_checkpointing(model: nn.Module) -> bool:
     (``gradient_checkpointing_enable()`` sets ``gradient_checkpointing=True`` on each
     ``GradientCheckpointingLayer`` and routes its ``__call__`` through
     ``_gradient_checkpointing_func``, ``torch.utils.checkpoint`` by default)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True
-               and hasattr(m, "_gradient_checkpointing_func") for m in model.modules())
+    return any(own_gradient_checkpointing_on(m) for m in model.modules())
+
+
+def own_gradient_checkpointing_on(module: nn.Module) -> bool:
+    """``own_gradient_checkpointing`` for ``module`` itself (not its children); reads only its
+    instance dict (where ``gradient_checkpointing_enable()`` writes), so it costs no
+    ``AttributeError`` on modules without the attributes."""
+    d = module.__dict__
+    return d.get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in d

@@ -26,4 +26,4 @@ GPT_NEOX = register_architecture(ArchitectureSpec(
     layers="layers", lm_head="embed_out", attention="attention",
     column=("attention.query_key_value", "mlp.dense_h_to_4h"),
     row=("attention.dense", "mlp.dense_4h_to_h"), kv=(), fused_qkv_layout="per_head",
-    sizes=_sizes))
+    sizes=_sizes, final_norm="final_layer_norm", embedding_dropout="emb_dropout"))

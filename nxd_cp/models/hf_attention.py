@@ -34,8 +34,9 @@ class CPAttentionConfig:
     """What ``transform`` binds into one attention module: everything its CP attention call
     needs besides the tensors (nothing is read from a global config per call).
 
-    comm_type, load_balance: the model's ``ContextParallelConfig`` (``"p2p"`` / ``"all_gather"``;
-    ``"zigzag"`` / ``"contiguous"`` / ``"per_document"``).
+    comm_type, load_balance, a2a_size: the model's ``ContextParallelConfig`` (``"p2p"`` /
+    ``"all_gather"`` / ``"a2a"`` / ``"a2a+p2p"``; ``"zigzag"`` / ``"contiguous"`` /
+    ``"per_document"``; the all-to-all group size of ``"a2a+p2p"``).
     window_size: sliding window of this layer (key j visible to query i iff j <= i and
     i - j < window), or None for plain causal.
     """
@@ -43,6 +44,7 @@ class CPAttentionConfig:
     comm_type: str = "p2p"
     load_balance: str = "zigzag"
     window_size: Optional[int] = None
+    a2a_size: Optional[int] = None
 
 
 def cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -82,7 +84,8 @@ def cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
                                          window_size=cfg.window_size, softmax_scale=scaling,
                                          key_padding_mask=attention_mask,
                                          seq_idx=kwargs.get("seq_idx"),
-                                         position_ids=kwargs.get("position_ids"))
+                                         position_ids=kwargs.get("position_ids"),
+                                         a2a_size=cfg.a2a_size)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -5,7 +5,12 @@ cache), what it needs (global ``position_ids`` when cp > 1, a 2-D padding mask, 
 shaped like the tokens, a local sequence that SP can split over TP), the values of this rank's
 tokens (ids in ``[0, vocab_size)``, labels there or ``-100``, at least one row,
 ``num_items_in_batch >= 1``), and that the active config is still the one the model was built
-with (the batch function shards with the active config by default).
+with (the batch function shards with the active config by default), and, in training, that
+activation checkpointing is on once and can run (``training.checkpointing.checkpointing_conflict``:
+transformers' ``gradient_checkpointing_enable()``, before or after ``transform``, together with
+nxd_cp's ``activation_checkpoint_config`` or on XLA; a checkpoint wrapper from NxD's
+``initialize_parallel_model`` on top of either; host-side, the same on every rank, so every
+rank raises the same ``RuntimeError`` before any collective).
 
 A failure on one rank is a failure on every rank: ranks of one TP x CP block hold different
 tokens (and could be handed different shapes), so before raising they agree (``agree``: two
@@ -28,6 +33,7 @@ from nxd_cp.comm import get_transport
 from nxd_cp.sequence import validation as check
 from nxd_cp.sequence.batch import check_padding_mask
 from nxd_cp.sequence.layout import check_sequence_split
+from nxd_cp.training.checkpointing import checkpointing_conflict
 
 INTEGER_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask", "seq_idx")
 
@@ -116,6 +122,11 @@ def check_inputs(model: nn.Module, args: Tuple, kwargs: Dict[str, Any]):
         kwargs["input_ids"], args = args[0], tuple(args[1:])
     seq = kwargs.get("input_ids")
     seq = kwargs.get("inputs_embeds") if seq is None else seq
+    if model.training:  # the same on every rank (module attributes, device type): no agreement
+        conflict = checkpointing_conflict(model, isinstance(seq, torch.Tensor)
+                                          and seq.device.type == "xla")
+        if conflict:
+            raise RuntimeError(conflict)
     if isinstance(seq, torch.Tensor) and seq.dim() >= 2:
         agree(_value_errors(model, seq, kwargs), tuple(seq.shape[:2]), seq.device)
     if model.nxd_cp_config["sequence_parallel"] and seq is not None:

@@ -53,6 +53,10 @@ class ArchitectureSpec:
         "intermediate_size", "vocab_size"} (checked to split over TP).
     window: (config, layer_idx) -> sliding window of that layer (key j visible to query i iff
         j <= i and i - j < window), or None for plain causal attention.
+    final_norm, rotary: attributes of ``base``: the norm after the last decoder layer and the
+        rotary-embedding module (``rotary(hidden, position_ids) -> (cos, sin)``); read only by
+        pipeline parallelism, which calls each stage's modules itself.
+    embedding_dropout: attribute of ``base`` applied to the token embeddings, or None.
 
     RoPE and masks need no entry: the family's own rotary code runs at the batch's
     ``position_ids`` (global positions under CP, from ``get_batch_on_this_context_parallel_rank``)
@@ -75,6 +79,9 @@ class ArchitectureSpec:
     window: Callable[[object, int], Optional[int]] = field(default=_no_window)
     fused_qkv_layout: Optional[str] = None
     per_head: Tuple[str, ...] = ()
+    final_norm: str = "norm"
+    rotary: str = "rotary_emb"
+    embedding_dropout: Optional[str] = None
 
 
 _REGISTRY: Dict[str, ArchitectureSpec] = {}  # class name -> spec, in registration order
@@ -90,7 +97,7 @@ def _check_spec(spec) -> None:
             or not all(isinstance(c, str) and c for c in spec.class_names)):
         raise ValueError(f"ArchitectureSpec.class_names={spec.class_names!r} must be a "
                          f"non-empty tuple of class names")
-    for key in ("base", "embedding", "layers", "lm_head", "attention"):
+    for key in ("base", "embedding", "layers", "lm_head", "attention", "final_norm", "rotary"):
         if not isinstance(getattr(spec, key), str) or not getattr(spec, key):
             raise ValueError(f"ArchitectureSpec.{key}={getattr(spec, key)!r} must be a "
                              f"non-empty attribute path")

@@ -14,11 +14,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nxd_cp import parallel_state as ps
+from nxd_cp.models.pipelined import is_pipelined_model, merge_stages
+from nxd_cp.models.registry import architecture_of
 from nxd_cp.tensor_parallel.partition import Partition, gather_full, partitions
 
 
-def _keep(rank0_only: bool) -> bool:
-    return not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
+def _keep(model: nn.Module, rank0_only: bool) -> bool:
+    """Whether this rank keeps what it gathers over TP: global rank 0 (every rank unless
+    ``rank0_only``); for a pipelined model every stage of global rank 0's pipeline group."""
+    if not rank0_only or not dist.is_initialized():
+        return True
+    if is_pipelined_model(model):
+        return 0 in ps.get_group_spec("pipeline").ranks
+    return dist.get_rank() == 0
+
+
+def _over_stages(model: nn.Module, out: Optional[dict], rank0_only: bool) -> Optional[dict]:
+    """``out`` of this stage -> the whole model's (pipelined models; others unchanged)."""
+    if not is_pipelined_model(model):
+        return out
+    tied = model.nxd_cp_config["pipeline"]["tied_embeddings"]
+    spec = architecture_of(model)
+    keys = (f"{spec.base}.{spec.embedding}.weight", f"{spec.lm_head}.weight") if tied else ()
+    return merge_stages(out, rank0_only, keys)
 
 
 @torch.no_grad()
@@ -26,9 +45,10 @@ def full_state_dict(model: nn.Module, rank0_only: bool = True
                     ) -> Optional[Dict[str, torch.Tensor]]:
     """The full HF state dict (on global rank 0; None elsewhere unless ``rank0_only=False``).
 
-    Tied weights map to one tensor, as in the unmodified model's state dict.
+    Tied weights map to one tensor, as in the unmodified model's state dict. A pipelined model's
+    stages are gathered too (a collective over TP and PP).
     """
-    keep = _keep(rank0_only)
+    keep = _keep(model, rank0_only)
     parts = partitions(model)
     out, by_id = {}, {}
     for name, value in model.state_dict(keep_vars=True).items():
@@ -40,7 +60,7 @@ def full_state_dict(model: nn.Module, rank0_only: bool = True
         full = gather_full(parts.get(name, Partition()), value)
         if keep:
             out[name] = full
-    return out if keep else None
+    return _over_stages(model, out if keep else None, rank0_only)
 
 
 @torch.no_grad()
@@ -51,7 +71,7 @@ def full_gradients(model: nn.Module, rank0_only: bool = True
     Call after the CP reduction (``allreduce_context_parallel_gradients``) to get the gradient
     of the unmodified model; before it, each rank holds only its tokens' part.
     """
-    keep = _keep(rank0_only)
+    keep = _keep(model, rank0_only)
     parts = partitions(model)
     out = {}
     for name, p in model.named_parameters():
@@ -59,4 +79,4 @@ def full_gradients(model: nn.Module, rank0_only: bool = True
         full = gather_full(parts[name], grad)
         if keep:
             out[name] = full if p.grad is not None else None
-    return out if keep else None
+    return _over_stages(model, out if keep else None, rank0_only)

@@ -16,6 +16,7 @@ from torch import nn
 
 from nxd_cp import parallel_state as ps
 from nxd_cp.models.registry import ArchitectureSpec
+from nxd_cp.pipeline.split import is_absent
 from nxd_cp.tensor_parallel import sequence_parallel as sp
 from nxd_cp.tensor_parallel.factory import TPLayers
 from nxd_cp.tensor_parallel.head_shared import HeadShared
@@ -56,12 +57,15 @@ def parallel_modules(model: nn.Module, spec: ArchitectureSpec, sizes: Dict[str, 
 
     emb_path = f"{spec.base}.{spec.embedding}"
     emb = get_path(model, emb_path)
-    new[emb_path] = layers.ParallelEmbedding(emb.num_embeddings, emb.embedding_dim,
-                                             padding_idx=emb.padding_idx,
-                                             dtype=emb.weight.dtype, device=META)
+    if not is_absent(emb):  # pipeline stages other than the first hold no embedding
+        new[emb_path] = layers.ParallelEmbedding(emb.num_embeddings, emb.embedding_dim,
+                                                 padding_idx=emb.padding_idx,
+                                                 dtype=emb.weight.dtype, device=META)
     hkv = sizes["num_key_value_heads"]
     in_attention = spec.attention + "."
-    for i in range(len(get_path(model, f"{spec.base}.{spec.layers}"))):
+    for i, layer in enumerate(get_path(model, f"{spec.base}.{spec.layers}")):
+        if is_absent(layer):  # another pipeline stage's
+            continue
         prefix = f"{spec.base}.{spec.layers}.{i}."
         for p in spec.column:
             column(prefix + p, in_attention=p.startswith(in_attention))
@@ -78,5 +82,6 @@ def parallel_modules(model: nn.Module, spec: ArchitectureSpec, sizes: Dict[str, 
                 new[prefix + p] = ReplicatedKVLinear(lin.in_features, hkv, sizes["head_dim"],
                                                      bias=lin.bias is not None,
                                                      dtype=lin.weight.dtype, device=META)
-    column(spec.lm_head, gather_output=not vocab_parallel_logits, kind="lm_head")
+    if not is_absent(get_path(model, spec.lm_head)):
+        column(spec.lm_head, gather_output=not vocab_parallel_logits, kind="lm_head")
     return new

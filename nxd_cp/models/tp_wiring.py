@@ -15,6 +15,7 @@ from typing import Dict, List
 from torch import nn
 
 from nxd_cp.models.registry import ArchitectureSpec
+from nxd_cp.pipeline.split import is_absent
 from nxd_cp.tensor_parallel import layers as own
 from nxd_cp.tensor_parallel import sequence_parallel as sp
 from nxd_cp.tensor_parallel.factory import is_row_parallel
@@ -72,9 +73,11 @@ def wire_tensor_parallel(model: nn.Module, spec: ArchitectureSpec, new: Dict[str
         if getattr(m, "sequence_parallel_enabled", False) and not isinstance(
                 m, (own.ColumnParallelLinear, own.RowParallelLinear)):
             sp.run_sequence_first(m)
-    sp.scatter_tp_sequence(get_path(model, f"{spec.base}.{spec.layers}")[0])
-    lm_head = new[spec.lm_head]
-    if not getattr(lm_head, "sequence_parallel_enabled", False):
+    first = get_path(model, f"{spec.base}.{spec.layers}")[0]
+    if not is_absent(first):  # on the first pipeline stage
+        sp.scatter_tp_sequence(first)
+    lm_head = new.get(spec.lm_head)  # None on pipeline stages other than the last
+    if lm_head is not None and not getattr(lm_head, "sequence_parallel_enabled", False):
         sp.gather_tp_input(lm_head)
     names = _sequence_parallel_parameters(model, new)
     chosen = set(names)

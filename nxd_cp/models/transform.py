@@ -34,7 +34,8 @@ modules (``tp_modules``), load this rank's weights, bind the attention, wire the
 communication (``tp_wiring``), checkpoint activations, install the loss and the input checks.
 
 Weights come from the model itself (full weights on every rank, as ``from_pretrained`` loads
-them) or, for a model built on the meta device, from ``state_dict`` (a full HF state dict).
+them) or, for a model built on the meta device, from ``state_dict`` (a full HF state dict, or a
+``hf_checkpoint.CheckpointReader``, which reads only this rank's part of each tensor).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ from nxd_cp.compat import transformers as hf_compat
 from nxd_cp.config import ContextParallelConfig, context_parallel_config_of
 from nxd_cp.models import hf_attention
 from nxd_cp.models.inputs import check_inputs
+from nxd_cp.models.pipelined import attach, keep_stage, present
 from nxd_cp.models.registry import ArchitectureSpec, check_sizes
 from nxd_cp.models.registry import architecture_of as arch_of
 from nxd_cp.models.rope import wrap_length_dependent
@@ -83,9 +85,6 @@ def _check_model(model: nn.Module) -> ArchitectureSpec:
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("call nxd_cp.neuronx_distributed_config(...) (or nxd_cp.parallel_"
                            "state.initialize_model_parallel(...)) before nxd_cp.transform(model)")
-    if ps.get_pipeline_model_parallel_size() != 1:
-        raise ValueError(f"pipeline_model_parallel_size={ps.get_pipeline_model_parallel_size()}"
-                         " is not supported by nxd_cp.transform (use 1)")
     if not getattr(model, "_supports_attention_backend", False):
         raise ValueError(f"{type(model).__name__} does not support transformers' attention "
                          f"interface (_supports_attention_backend is False): nxd_cp.transform "
@@ -160,23 +159,26 @@ def _load(model: nn.Module, full: Mapping[str, torch.Tensor], prefixes, tied_key
             if name not in tied_keys:
                 missing.append(name)
             continue
+        if hasattr(full, "read"):  # hf_checkpoint.CheckpointReader: reads this rank's part only
+            full.read(name, parts.get(name, Partition()), target, f"{full!r}[{name!r}]")
+            continue
         copy_shard(target, parts.get(name, Partition()), full[name], f"state_dict[{name!r}]")
     if missing:
-        raise ValueError(f"state_dict lacks {len(missing)} tensors of the model, e.g. "
+        source = repr(full) if hasattr(full, "read") else "state_dict"  # hf_checkpoint
+        raise ValueError(f"{source} lacks {len(missing)} tensors of the model, e.g. "
                          f"{missing[:5]}")
 
 
 def _replace_and_load(model: nn.Module, spec: ArchitectureSpec, new: Dict[str, nn.Module],
-                      state_dict: Mapping[str, torch.Tensor], on_meta: bool) -> None:
-    """Put the TP modules ``new`` in place and load this rank's part of ``state_dict``."""
-    lm_head = get_path(model, spec.lm_head)
-    embedding = get_path(model, f"{spec.base}.{spec.embedding}")
-    tied = lm_head.weight is embedding.weight
+                      state_dict: Mapping[str, torch.Tensor], on_meta: bool, tied: bool) -> None:
+    """Put the TP modules ``new`` in place and load this rank's part of ``state_dict``
+    (``tied``: the model ties its lm_head to its embedding)."""
     devices = {path: next(get_path(model, path).parameters()).device for path in new}
     for path, module in new.items():
         set_path(model, path, module)
     if on_meta:
-        device = _first_device(state_dict.values())
+        device = getattr(state_dict, "device", None)  # hf_checkpoint.CheckpointReader's
+        device = device if device is not None else _first_device(state_dict.values())
         materialize(model, device)
         _rebuild_rotary(model, device)
         load_prefixes: Tuple[str, ...] = ("",)
@@ -184,10 +186,20 @@ def _replace_and_load(model: nn.Module, spec: ArchitectureSpec, new: Dict[str, n
         for path, module in new.items():
             materialize(module, devices[path])
         load_prefixes = tuple(p + "." for p in new)
-    if tied:  # after materialize: to_empty gives each module its own tensor
+    emb_key, head_key = f"{spec.base}.{spec.embedding}.weight", f"{spec.lm_head}.weight"
+    both = emb_key in new_keys(model) and head_key in new_keys(model)
+    if tied and both:  # after materialize: to_empty gives each module its own tensor
         get_path(model, spec.lm_head).weight = get_path(
             model, f"{spec.base}.{spec.embedding}").weight
+    if tied and not both and head_key not in state_dict and emb_key in state_dict:
+        # the last pipeline stage's copy of a tied weight (checkpoints store it once)
+        state_dict = (state_dict.with_alias(head_key, emb_key) if hasattr(  # hf_checkpoint
+            state_dict, "with_alias") else {**state_dict, head_key: state_dict[emb_key]})
     _load(model, state_dict, load_prefixes, tied_keys=_tied_keys(model))
+
+
+def new_keys(model: nn.Module):
+    return dict(model.named_parameters(remove_duplicate=False))
 
 
 # --- phase 5: activation checkpointing --------------------------------------------------------
@@ -198,8 +210,8 @@ def _checkpoint_activations(model: nn.Module, spec: ArchitectureSpec,
     value = None if config is None else config.get("activation_checkpoint_config")
     if value is None:
         return None
-    layers = get_path(model, f"{spec.base}.{spec.layers}")
-    checkpoint_modules(modules_to_checkpoint(model, value, list(layers)))
+    layers = [m for m in get_path(model, f"{spec.base}.{spec.layers}") if present(m)]
+    checkpoint_modules(modules_to_checkpoint(model, value, layers))
     return value if value == "full" else [c.__name__ for c in (
         value if isinstance(value, (list, tuple)) else [value])]
 
@@ -212,8 +224,10 @@ def _bind_attention(model: nn.Module, spec: ArchitectureSpec, cp_config: Context
     windows = []
     for i, layer in enumerate(get_path(model, f"{spec.base}.{spec.layers}")):
         windows.append(spec.window(model.config, i))  # per layer (Qwen2: config.layer_types)
+        if not present(layer):  # another pipeline stage's
+            continue
         bound = hf_attention.CPAttentionConfig(cp_config.comm_type, cp_config.load_balance,
-                                               windows[-1])
+                                               windows[-1], cp_config.a2a_size)
         setattr(get_path(layer, spec.attention), hf_attention.MODULE_ATTR, bound)
     hf_attention.register()
     model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
@@ -260,6 +274,7 @@ def transform(model: nn.Module, config: Optional[Mapping] = None, *,
         "model config (sha256)": hashlib.sha256(
             model.config.to_json_string().encode()).hexdigest()},
         ps.get_group_spec("context"))
+    pipelined = ps.get_pipeline_model_parallel_size() > 1
     on_meta = any(p.is_meta for p in model.parameters())
     if state_dict is None:
         if on_meta:
@@ -269,13 +284,16 @@ def transform(model: nn.Module, config: Optional[Mapping] = None, *,
     if on_meta and any(type(m) in registered_modules() for m in model.modules()):
         raise ValueError("nxd_cp.register_module replacements need the model's full weights: "
                          "build it off the meta device to transform it")
+    tied = _is_tied(model, spec)
+    stage = keep_stage(model, spec) if pipelined else None  # this rank's stage only
     # modules of classes registered with nxd_cp.register_module (before the spec's own)
     skip = tuple(p + "." for p in ([] if on_meta else replace_registered_modules(model)))
     layers = tensor_parallel_layers()  # NxD's or nxd_cp's, decided once for this model
     new = parallel_modules(model, spec, sizes, layers,
                            vocab_parallel_logits=vocab_parallel_logits,
                            sequence_parallel=sequence_parallel, skip=skip)
-    _replace_and_load(model, spec, new, state_dict, on_meta)
+    _replace_and_load(model, spec, new, state_dict, on_meta, tied)
+    del state_dict  # the full weights of other stages / TP ranks are freed with it
     wrap_length_dependent(model)  # dynamic / longrope: frequencies of the global sequence
     window = _bind_attention(model, spec, cp_config)
     sp_parameters = wire_tensor_parallel(model, spec, new, sequence_parallel)
@@ -288,6 +306,16 @@ def transform(model: nn.Module, config: Optional[Mapping] = None, *,
                            "sequence_parallel": sequence_parallel,
                            "nxd_layers": layers.use_nxd,
                            "sequence_parallel_parameters": sp_parameters,
-                           "activation_checkpoint": checkpointing}
+                           "activation_checkpoint": checkpointing, "pipeline": stage}
     model.register_forward_pre_hook(check_inputs, with_kwargs=True)
+    if pipelined:
+        active = ps.get_training_config()
+        pipeline_config = (config.get("pipeline_config") if config is not None else
+                           getattr(active, "pipeline_config", None))
+        stage.update(attach(model, spec, pipeline_config, tied))
     return model
+
+
+def _is_tied(model: nn.Module, spec: ArchitectureSpec) -> bool:
+    return get_path(model, spec.lm_head).weight is get_path(
+        model, f"{spec.base}.{spec.embedding}").weight

@@ -18,11 +18,11 @@ class ContextParallelAttention(nn.Module):
     module once its sequence is split over CP (TransformerEngine's ``DotProductAttention`` with
     a CP group, in NxD terms). No parameters.
 
-    config: ``comm_type`` and ``load_balance``, bound when the module is built: the dict
-        returned by ``nxd_cp.neuronx_distributed_config``, a ``ContextParallelConfig`` or its
-        dict; None (default): the active config at construction. Nothing is read per call:
-        shard batches with the same config (``get_batch_on_this_context_parallel_rank(batch,
-        config=...)``).
+    config: ``comm_type``, ``load_balance`` (and ``a2a_size``), bound when the module is
+        built: the dict returned by ``nxd_cp.neuronx_distributed_config``, a
+        ``ContextParallelConfig`` or its dict; None (default): the active config at
+        construction. Nothing is read per call: shard batches with the same config
+        (``get_batch_on_this_context_parallel_rank(batch, config=...)``).
     causal: causal mask on global positions. window_size: sliding window (key j visible to
         query i iff j <= i and i - j < window_size; needs causal). softmax_scale: default
         1/sqrt(D). group: None for ``parallel_state``'s CP group, or a GroupSpec / ProcessGroup.
@@ -60,7 +60,8 @@ class ContextParallelAttention(nn.Module):
             q, k, v, causal=self.causal, comm_type=self.config.comm_type,
             load_balance=self.config.load_balance, window_size=self.window_size,
             softmax_scale=self.softmax_scale, group=self.group,
-            key_padding_mask=key_padding_mask, seq_idx=seq_idx, position_ids=position_ids)
+            key_padding_mask=key_padding_mask, seq_idx=seq_idx, position_ids=position_ids,
+            a2a_size=self.config.a2a_size)
 
     def extra_repr(self) -> str:
         return f"config={self.config}, causal={self.causal}, window_size={self.window_size}"

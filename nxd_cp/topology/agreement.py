@@ -94,10 +94,10 @@ def check_group_agreement(call: str, fields: Mapping[str, Any], group: GroupSpec
 
 def attention_signature(q, k, causal: bool, comm_type: str, window_size, softmax_scale,
                         load_balance: str, has_mask: bool,
-                        has_documents: bool = False) -> Dict[str, Any]:
+                        has_documents: bool = False, a2a_size=None) -> Dict[str, Any]:
     """The arguments of ``context_parallel_attention`` the ranks of a CP group must share."""
     return {"comm_type": comm_type, "load_balance": load_balance, "causal": causal,
             "window_size": window_size, "softmax_scale": softmax_scale,
             "q shape": tuple(q.shape), "k/v shape": tuple(k.shape), "dtype": str(q.dtype),
             "key_padding_mask": "given" if has_mask else None,
-            "seq_idx": "given" if has_documents else None}
+            "seq_idx": "given" if has_documents else None, "a2a_size": a2a_size}

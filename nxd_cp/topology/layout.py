@@ -299,6 +299,20 @@ class ParallelLayout:
         raise ValueError(f"rank={rank} is in no group of {groups}")
 
 
+def context_subgroups(groups: Groups, n: int) -> Tuple[Groups, Groups]:
+    """``(inner, outer)`` of the hierarchical CP of ``a2a+p2p``: every CP group cut into
+    groups of ``n`` contiguous members (the all-to-all groups, inside a node) and the groups of
+    members ``n`` apart (the ring across them). CP group ``[0, 2, 4, 6]``, n=2: inner
+    ``[0, 2], [4, 6]``; outer ``[0, 4], [2, 6]``."""
+    inner, outer = [], []
+    for g in groups:
+        if len(g) % n:
+            raise ValueError(f"a2a_size={n} does not divide the CP group size {len(g)}")
+        inner += [list(g[i:i + n]) for i in range(0, len(g), n)]
+        outer += [list(g[j::n]) for j in range(n)]
+    return inner, outer
+
+
 def ring_pairs(groups: Groups, direction: int = 1) -> List[List[int]]:
     """Source -> target pairs of a one-step ring shift inside each group, all groups.
 

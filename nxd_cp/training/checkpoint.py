@@ -12,6 +12,8 @@ num_kept_ckpts=)``, ``load_checkpoint(path, tag=None, ...)`` returning the user 
                                               step, data position, model config, nxd_cp config
         model/dp_rank_00_tp_rank_XX_pp_rank_00.pt    this TP shard's model.state_dict()
         optim/dp_rank_00_tp_rank_XX_pp_rank_00.pt    its optimizer.state_dict()
+        fsdp/tp_rank_XX_pp_rank_XX/           instead of model/ and optim/ for an FSDP2 model:
+                                              torch's sharded state dicts, DCP files
         scheduler.pt, user_content.pt
         rng/rank_XXXXX.pt                     every rank's RNG states (torch, CUDA, Python)
         done
@@ -31,6 +33,13 @@ ZeRO-1 (``initialize_parallel_optimizer`` with ``zero_one_enabled``): every rank
 optimizer shard, ``optim/zero1_dpcp_rank_XXX_tp_rank_XX_pp_rank_XX.pt``; it loads only under the
 same dp * cp (a ``ValueError`` names both otherwise).
 
+FSDP2 (``nxd_cp.fully_shard``): the model's and optimizer's DTensor shards differ on every DP x
+CP rank; they are saved with torch's ``get_state_dict`` and DCP (``torch.distributed.checkpoint
+.save``), a collective per DP x CP group, into ``fsdp/tp_rank_XX_pp_rank_XX/``
+(``training.fsdp_checkpoint``; ``metadata.json`` records ``fsdp_dp_cp``). DCP reshards on load:
+another dp * cp with the same tp loads exactly. FSDP2 checkpoints load only into FSDP2 models and
+the reverse (``ValueError``).
+
 Another layout: model and optimizer shards depend only on TP (and PP), so a checkpoint loads
 exactly under any other cp / dp with the same tp. A different tp or pp is refused with a
 ``ValueError`` naming both layouts (``full_state_dict`` gives unsharded weights to start from).
@@ -45,9 +54,9 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 
 from nxd_cp import parallel_state as ps
+from nxd_cp.training.fsdp_checkpoint import check_fsdp, load_fsdp, save_fsdp, uses_fsdp
 
 METADATA = "metadata.json"
 DONE = "done"
@@ -180,28 +189,22 @@ def save_checkpoint(checkpoint_dir_str: str, tag: str, model=None, optimizer=Non
             or tag == NEWEST:
         raise ValueError(f"tag={tag!r} must be a non-empty directory name, not starting with "
                          f"'.' and not {NEWEST!r}")
-    if model is not None and any(isinstance(m, FSDPModule) for m in model.modules()):
-        raise NotImplementedError(
-            "save_checkpoint(model=...) got a model sharded with FSDP2 (nxd_cp.fully_shard): "
-            "its parameters and optimizer state are DTensor shards that differ on every DP x CP "
-            "rank, which this checkpoint format (one file per TP shard) does not hold. Save the "
-            "full weights with `with nxd_cp.training.fsdp.unsharded(model): "
-            "nxd_cp.full_state_dict(model)`, or use ZeRO-1 (initialize_parallel_optimizer) for "
-            "sharded checkpoints")
+    fsdp = uses_fsdp(model, optimizer)
     root = checkpoint_dir_str
     tmp = os.path.join(root, f".{tag}.tmp")
     rank = dist.get_rank()
     if rank == 0:
         if os.path.exists(tmp):  # left by a crashed save
             shutil.rmtree(tmp)
-        for sub in ("model", "optim", "rng"):
+        for sub in ("rng",) if fsdp else ("model", "optim", "rng"):  # FSDP2: fsdp/ (DCP)
             os.makedirs(os.path.join(tmp, sub))
     dist.barrier()
     writer = ps.get_data_context_parallel_rank() == 0
-    if writer and model is not None:
+    fsdp_dp_cp = save_fsdp(tmp, model, optimizer) if fsdp else None  # DCP: all of DP x CP
+    if writer and model is not None and not fsdp:
         torch.save(_to_cpu(model.state_dict()), os.path.join(tmp, _shard_file("model")))
     zero1 = _is_zero1(optimizer)
-    if optimizer is not None and (writer or zero1):  # ZeRO-1: every rank writes its shard
+    if optimizer is not None and not fsdp and (writer or zero1):  # ZeRO-1: every rank writes
         torch.save(_to_cpu(optimizer.state_dict()), os.path.join(tmp, _optim_file(zero1)))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
     if rank == 0:
@@ -216,7 +219,8 @@ def save_checkpoint(checkpoint_dir_str: str, tag: str, model=None, optimizer=Non
                 "model_config": _model_config(model),
                 "saved": {"model": model is not None, "optimizer": optimizer is not None,
                           "scheduler": scheduler is not None},
-                "zero1_dp_cp": ps.get_data_context_parallel_size() if zero1 else None}
+                "zero1_dp_cp": ps.get_data_context_parallel_size() if zero1 else None,
+                "fsdp_dp_cp": fsdp_dp_cp}
         with open(os.path.join(tmp, METADATA), "w") as f:
             json.dump(meta, f, indent=1, default=str)
     dist.barrier()  # every shard is on disk
@@ -281,10 +285,15 @@ def load_checkpoint(path: str, tag: Optional[str] = None, model=None, optimizer=
     for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is not None and not meta["saved"][name]:
             raise RuntimeError(f"checkpoint {ckpt!r} has no {name} state to load")
-    if model is not None:
+    fsdp = uses_fsdp(model, optimizer)
+    if model is not None or optimizer is not None:
+        check_fsdp(meta.get("fsdp_dp_cp"), fsdp, ckpt)
+    if fsdp:
+        load_fsdp(ckpt, model, optimizer, strict=strict)
+    elif model is not None:
         state = torch.load(os.path.join(ckpt, _shard_file("model")), map_location="cpu")
         model.load_state_dict(state, strict=strict)
-    if optimizer is not None:
+    if optimizer is not None and not fsdp:
         zero1 = _is_zero1(optimizer)
         _check_zero1(meta.get("zero1_dp_cp"), zero1, ckpt)
         state = torch.load(os.path.join(ckpt, _optim_file(zero1)), map_location="cpu")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Any, Iterable, List, Sequence
+from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
 import torch.utils.checkpoint as torch_checkpoint
@@ -106,4 +106,48 @@ def modules_to_checkpoint(model: nn.Module, value: Any, layers: Sequence[nn.Modu
     return found
 
 
-__all__ = ["checkpoint_modules", "checkpointed_modules", "modules_to_checkpoint"]
+def checkpointing_conflict(model: nn.Module, on_xla: bool) -> Optional[str]:
+    """What is wrong with the checkpointing of a transformed ``model`` in training, or None:
+
+    * transformers' own gradient checkpointing (``model.gradient_checkpointing_enable()``,
+      before or after ``transform``) and nxd_cp's (``activation_checkpoint_config``) both on;
+    * a checkpoint wrapper (``_checkpoint_wrapped_module``: torch's ``CheckpointWrapper``, which
+      NxD's ``initialize_parallel_model`` inserts for its ``activation_checkpoint_config``)
+      together with nxd_cp's or transformers' checkpointing: each layer recomputed twice;
+    * transformers' own checkpointing on XLA (``on_xla``): ``torch.utils.checkpoint`` fails
+      there (torch 2.9 / torch-xla 2.9). Off XLA it works, and is left alone.
+
+    Host-side (module attributes only, one walk over ``model.modules()``), no collective: every
+    rank runs the same script on the same device type, so every rank gets the same answer."""
+    ours = own = wrapped = False
+    for m in model.modules():  # instance dicts: a missing nn.Module attribute costs an exception
+        d = m.__dict__
+        ours = ours or d.get(MARK) is True
+        own = own or hf_compat.own_gradient_checkpointing_on(m)
+        wrapped = wrapped or "_checkpoint_wrapped_module" in d.get("_modules", ())
+    instead = ("set activation_checkpoint_config=\"full\" (or the module classes) in "
+               "nxd_cp.neuronx_distributed_config(...) and nxd_cp.transform the model with that "
+               "config")
+    if wrapped + ours + own >= 2:
+        where = [w for w, on in (
+            ("a checkpoint wrapper (NxD's initialize_parallel_model with activation_checkpoint_"
+             "config)", wrapped), ("nxd_cp.transform (activation_checkpoint_config)", ours),
+            ("transformers' model.gradient_checkpointing_enable()", own)) if on]
+        fixes = ["call model.gradient_checkpointing_disable()"] if own and (ours or wrapped) \
+            else []
+        if wrapped and ours:
+            fixes.append("give initialize_parallel_model the config with activation_checkpoint_"
+                         "config=None ({**config, 'activation_checkpoint_config': None})")
+        return (f"activation checkpointing is on twice: {' and '.join(where)}; every layer would "
+                f"be recomputed twice. Set it in one place, nxd_cp's activation_checkpoint_config "
+                f"(it runs on every device): {'; '.join(fixes)}")
+    if own and on_xla:
+        return ("transformers' own gradient checkpointing (model.gradient_checkpointing_enable())"
+                " is on: on XLA it runs torch.utils.checkpoint, which fails with torch 2.9 / "
+                "torch-xla 2.9 (module 'torch' has no attribute 'xla'). Call model.gradient_"
+                f"checkpointing_disable() and {instead}")
+    return None
+
+
+__all__ = ["checkpoint_modules", "checkpointed_modules", "checkpointing_conflict",
+           "modules_to_checkpoint"]

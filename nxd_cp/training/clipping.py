@@ -12,6 +12,9 @@ The norm is the one the *unmodified* model's gradients have (what
   lives on ``n`` TP ranks; counted once (weight ``1/n``);
 * a DTensor gradient (FSDP2, sharded over DP x CP): the local shards' sums are summed over the
   DTensor's mesh first;
+* a pipelined model (``run_train``): each stage's sums are summed over the pipeline group; the
+  last stage's copy of a weight tied to the first stage's embedding (``nxd_cp_tied_copy``)
+  counts 0 there (the unmodified model has it once);
 * over DP x CP nothing is summed: after the gradient reduction every DP x CP rank holds the same
   (TP-local) gradients. **Call it after the reduction** (``allreduce_*_gradients``, or use the
   optimizer of ``initialize_parallel_optimizer``, whose step reduces then clips).
@@ -33,6 +36,9 @@ from torch import nn
 from nxd_cp import parallel_state as ps
 from nxd_cp.comm import get_transport
 from nxd_cp.tensor_parallel.partition import Partition, partition_of
+from nxd_cp.training.grads import PIPELINED
+
+TIED_COPY = "nxd_cp_tied_copy"  # the last pipeline stage's copy of a tied embedding weight
 
 ModelOrParams = Union[nn.Module, torch.optim.Optimizer, Iterable[torch.Tensor]]
 _EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
@@ -113,7 +119,8 @@ def _mesh_spec(grad):
 def global_grad_norm(model_or_params: ModelOrParams, norm_type: float = 2.0) -> torch.Tensor:
     """The unmodified model's gradient norm (0-d fp32 tensor), the same on every rank.
 
-    A collective over TP (and, for DTensor gradients, over their mesh): every rank calls it.
+    A collective over TP (and, for DTensor gradients, over their mesh; for a pipelined model,
+    over PP): every rank calls it.
     Parameters without a gradient are skipped (as torch does).
     """
     norm_type = float(norm_type)
@@ -121,8 +128,10 @@ def global_grad_norm(model_or_params: ModelOrParams, norm_type: float = 2.0) -> 
         raise ValueError(f"norm_type={norm_type!r} must be > 0 (or inf)")
     inf = math.isinf(norm_type)
     tp_spec = ps.get_group_spec("tensor")
-    items = [(p.grad, part) for p, part in parameters_with_layout(model_or_params)
-             if p.grad is not None]
+    params = parameters_with_layout(model_or_params)
+    pipelined = any(getattr(p, PIPELINED, False) for p, _ in params)
+    items = [(p.grad, part) for p, part in params
+             if p.grad is not None and not getattr(p, TIED_COPY, False)]
     dtensor = _dtensor_type()
     device = items[0][0].device if items else torch.device("cpu")
     local = torch.zeros((), dtype=torch.float32, device=device)
@@ -144,6 +153,8 @@ def global_grad_norm(model_or_params: ModelOrParams, norm_type: float = 2.0) -> 
         value = _reduce(value, spec, inf)
         local = torch.maximum(local, value) if inf else local + value
     total = _reduce(local, tp_spec, inf)
+    if pipelined:
+        total = _reduce(total, ps.get_group_spec("pipeline"), inf)
     return total if inf else total.pow(1.0 / norm_type)
 
 

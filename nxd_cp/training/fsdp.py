@@ -44,6 +44,7 @@ from torch.distributed.fsdp import fully_shard as torch_fully_shard
 from torch.distributed.tensor import DTensor
 
 from nxd_cp import parallel_state as ps
+from nxd_cp.training.grads import is_pipelined
 
 
 def decoder_layers(model: nn.Module) -> List[nn.Module]:
@@ -81,6 +82,13 @@ def _check(model: nn.Module) -> None:
             "sequence_parallel=False")
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise ValueError("nxd_cp.fully_shard: the model is already sharded with FSDP2")
+    if is_pipelined(model):
+        raise NotImplementedError(
+            "nxd_cp.fully_shard on a pipelined model (pipeline_parallel_size > 1) is not "
+            "supported yet: run_train reduces the gradients after the last microbatch, FSDP2 "
+            "would reduce-scatter them in every microbatch's backward. Shard the optimizer "
+            "state with ZeRO-1 instead (optimizer_config={'zero_one_enabled': True} and "
+            "initialize_parallel_optimizer), which composes with PP")
 
 
 def fully_shard(model: nn.Module, *, layers: Optional[Iterable[nn.Module]] = None,

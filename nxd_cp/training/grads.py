@@ -74,6 +74,8 @@ def _check_not_nxd_optimizer(model_or_params: ModelOrParams, name: str) -> None:
             "reduce-scatters the gradients over DP x CP in backward (sum over CP, mean over "
             "DP) and they are sharded DTensors; reducing here too would count them twice. "
             "Call nothing between backward() and optimizer.step().")
+    if is_pipelined(model_or_params):
+        raise RuntimeError(_pipelined_message(name))
     if ps.nxd_in_charge() and not _WARNED:
         _WARNED.append(True)
         logger.warning("nxd_cp.%s: NeuronX Distributed is in charge; if you step with NxD's "
@@ -81,9 +83,46 @@ def _check_not_nxd_optimizer(model_or_params: ModelOrParams, name: str) -> None:
                        "already reduces over DP x CP)", name)
 
 
-def _grads(model_or_params: ModelOrParams, keep=None) -> List[torch.Tensor]:
+PIPELINED = "nxd_cp_pipelined"  # set on every parameter of a pipelined model's stage
+
+
+def _pipelined_message(name: str) -> str:
+    return (f"{name} got a pipelined model (or its parameters / optimizer): model.run_train() "
+            "already reduced the step's gradients over DP x CP (net sum over CP, mean over DP), "
+            "as NxD's NxDPPModel does; reducing here too would count them twice. Call nothing "
+            "between run_train() and optimizer.step().")
+
+
+def _parameters(model_or_params: ModelOrParams):
+    if isinstance(model_or_params, nn.Module):
+        return list(model_or_params.parameters())
+    if isinstance(model_or_params, torch.optim.Optimizer):
+        return [p for g in model_or_params.param_groups for p in g["params"]]
+    return None  # an iterable: looked at once, by _grads
+
+
+def is_pipelined(model_or_params: ModelOrParams) -> bool:
+    params = _parameters(model_or_params)
+    if params is None and isinstance(model_or_params, (list, tuple)):
+        params = model_or_params
+    return any(getattr(p, PIPELINED, False) for p in params or ())
+
+
+@torch.no_grad()
+def reduce_step_gradients(model: nn.Module) -> None:
+    """The whole gradient reduction of a step of a transformed model, for the owner of the
+    step (a pipelined model's ``run_train``): SP once, then sum over CP and mean over DP."""
+    reduce_sequence_parallel_once(model)
+    _all_reduce_grads(_grads(model, owner=True), "data_context",
+                      1.0 / ps.get_data_parallel_size())
+    _mark_sequence_parallel_reduced(model)
+
+
+def _grads(model_or_params: ModelOrParams, keep=None, owner: bool = False
+           ) -> List[torch.Tensor]:
     """The ``.grad`` tensors of a module, an optimizer's param groups or an iterable of params
-    (those whose parameter passes ``keep``, when given); tied weights appear once."""
+    (those whose parameter passes ``keep``, when given); tied weights appear once. Parameters of
+    a pipelined model are refused unless ``owner`` (its ``run_train`` reduces them)."""
     if isinstance(model_or_params, nn.Module):
         params = model_or_params.parameters()
     elif isinstance(model_or_params, torch.optim.Optimizer):
@@ -95,6 +134,8 @@ def _grads(model_or_params: ModelOrParams, keep=None) -> List[torch.Tensor]:
         if id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
+        if not owner and getattr(p, PIPELINED, False):
+            raise RuntimeError(_pipelined_message("gradient reduction"))
         if p.grad is not None and (keep is None or keep(p)):
             grads.append(p.grad)
     return grads
@@ -136,7 +177,7 @@ def allreduce_context_parallel_gradients(model_or_params: ModelOrParams) -> None
     whole gradient reduction of a step.
     """
     _check_not_nxd_optimizer(model_or_params, "allreduce_context_parallel_gradients")
-    _reduce_sequence_parallel_once(model_or_params)
+    reduce_sequence_parallel_once(model_or_params)
     _all_reduce_grads(_grads(model_or_params), "context", 1.0)
     _mark_sequence_parallel_reduced(model_or_params)
 
@@ -153,7 +194,7 @@ def allreduce_data_context_parallel_gradients(model_or_params: ModelOrParams,
     _check_not_nxd_optimizer(model_or_params, "allreduce_data_context_parallel_gradients")
     dp = ps.get_data_parallel_size()
     scale = 1.0 / dp if average_over_dp else 1.0
-    _reduce_sequence_parallel_once(model_or_params)
+    reduce_sequence_parallel_once(model_or_params)
     _all_reduce_grads(_grads(model_or_params), "data_context", scale)
     _mark_sequence_parallel_reduced(model_or_params)
 
@@ -163,13 +204,17 @@ def _sequence_parallel_grads(model_or_params: ModelOrParams) -> List[torch.Tenso
     if isinstance(model_or_params, nn.Module) and cfg is not None:
         # By name: attributes do not survive .to("xla") (new Parameter objects).
         names = set(cfg.get("sequence_parallel_parameters", ()))
-        return _grads([p for n, p in model_or_params.named_parameters() if n in names])
-    return _grads(model_or_params, keep=lambda p: getattr(p, "sequence_parallel_enabled", False))
+        return _grads([p for n, p in model_or_params.named_parameters() if n in names],
+                      owner=True)
+    return _grads(model_or_params, owner=True,
+                  keep=lambda p: getattr(p, "sequence_parallel_enabled", False))
 
 
 def _check_not_reduced_by_nxd(model_or_params: ModelOrParams) -> None:
     """``RuntimeError`` for NxD's optimizer (or nxd_cp's ``ParallelOptimizer``) when its step
     reduces these gradients already."""
+    if is_pipelined(model_or_params):
+        raise RuntimeError(_pipelined_message("allreduce_sequence_parallel_gradients"))
     if getattr(model_or_params, "nxd_cp_reduces_gradients", False):  # training.zero1
         raise RuntimeError(
             "allreduce_sequence_parallel_gradients(optimizer) got nxd_cp's ParallelOptimizer "
@@ -200,7 +245,7 @@ def allreduce_sequence_parallel_gradients(model_or_params: ModelOrParams) -> Non
     """
     _check_not_reduced_by_nxd(model_or_params)
     if _is_transformed(model_or_params):
-        _reduce_sequence_parallel_once(model_or_params)
+        reduce_sequence_parallel_once(model_or_params)
         return
     grads = _sequence_parallel_grads(model_or_params)
     if grads and ps.get_tensor_model_parallel_size() > 1:
@@ -242,7 +287,7 @@ def _mark_sequence_parallel_reduced(model_or_params: ModelOrParams) -> None:
             (weakref.ref(g), torch_compat.tensor_version(g)) for g in grads]
 
 
-def _reduce_sequence_parallel_once(model_or_params: ModelOrParams) -> None:
+def reduce_sequence_parallel_once(model_or_params: ModelOrParams) -> None:
     """The SP reduction of a transformed model, unless done since its last backward."""
     if not _is_transformed(model_or_params):
         return

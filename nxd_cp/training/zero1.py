@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor
 from nxd_cp import parallel_state as ps
 from nxd_cp.training.clipping import clip_grad_norm
 from nxd_cp.training.grads import (allreduce_data_context_parallel_gradients,
-                                   allreduce_sequence_parallel_gradients)
+                                   allreduce_sequence_parallel_gradients, is_pipelined)
 
 _HYPER_SKIP = ("params",)
 
@@ -143,6 +143,8 @@ class ParallelOptimizer(torch.optim.Optimizer):
     def reduce_gradients(self) -> None:
         """Step 1 (what ``step`` does first; public for gradient accumulation tests only)."""
         target = self._target
+        if is_pipelined(target):  # a pipelined model's run_train reduced them (NxDPPModel's rule)
+            return
         if self.sequence_parallel and not isinstance(target, nn.Module):
             allreduce_sequence_parallel_gradients(target)
         allreduce_data_context_parallel_gradients(target)
