@@ -142,14 +142,16 @@ def headline(data: Dict[str, Optional[dict]]) -> List[List[str]]:
                          "<= 1.00 (no target)", f"{m['mem_ratio']:.2f}", "-"])
     conv = data.get("bench_convergence")
     if conv:  # fp32 rounding grows with training: read cp=4 against the tp=2 control (no CP)
-        ctrl = next(d for d in conv["diffs"] if "control" in d["b"])
+        ctrl = next((d for d in conv["diffs"] if "control" in d["b"]), None)  # not in --quick
         for d in conv["diffs"]:
             if d is ctrl:
                 continue
+            versus = ("" if ctrl is None else
+                      f"; control {ctrl['tail_rel']:.1e}, {ctrl['max']:.1e}")
             rows.append([f"training loss {d['b']} vs {d['a']}, {conv['steps']} steps: mean of "
                          "the last sixth, relative difference (largest; tp=2 control)",
                          "<= 1e-2", f"{d['tail_rel']:.1e} (largest {d['max']:.1e} at step "
-                         f"{d['at']}; control {ctrl['tail_rel']:.1e}, {ctrl['max']:.1e})",
+                         f"{d['at']}{versus})",
                          "yes" if d["tail_rel"] <= 1e-2 else "NO"])
     rows += xla_headline(data["bench_xla_graph"])
     gpu = data["bench_gpu"]
@@ -321,9 +323,12 @@ def sp_reading(sp: dict) -> str:
 
 def convergence_reading(conv: dict) -> str:
     d = {(x["a"], x["b"]): x for x in conv["diffs"]}
-    cp, ctrl = d[("cp=1", "cp=4")], d[("cp=1", "tp=2 (control)")]
-    packed = d[("cp=1 packed", "cp=4 packed")]
+    cp = d[("cp=1", "cp=4")]
+    ctrl, packed = d.get(("cp=1", "tp=2 (control)")), d.get(("cp=1 packed", "cp=4 packed"))
     runs = {r["label"]: r for r in conv["runs"]}
+    if ctrl is None or packed is None:  # --quick: the plain pair only
+        return (f"Reading (--quick, the plain pair only): cp = 4 vs cp = 1, largest difference "
+                f"{cp['max']:.1e} at step {cp['at']}.")
     early = max((abs(a - b) for a, b, s in zip(runs["cp=1"]["losses"], runs["cp=4"]["losses"],
                                                runs["cp=1"]["steps"])
                  if cp["first"] is None or s < cp["first"]), default=0.0)

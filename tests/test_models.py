@@ -230,7 +230,7 @@ FOUR_PLANS = {
         ("mistral", "p2p", {"ckpt": True}), ("gpt_neox", "all_gather", {"ckpt": True}),
         ("llama", "p2p", {"vocab_parallel": True}), ("mistral", "p2p", {"meta": True}),
         # all-to-all (Ulysses): Hq/tp = 2 heads over cp = 2; Mistral's 1 KV head replicated
-        ("llama", "a2a", {}), ("mistral", "a2a", {"padded": True}), ("llama", "a2a", {"sp": True})],
+        ("llama", "a2a", {}), ("mistral", "a2a", {"padded": True, "ckpt": True}), ("llama", "a2a", {"sp": True})],
     (1, 4): [(a, c, {}) for a in ARCHS for c in ("p2p", "all_gather")] + [
         ("mistral", "p2p", {"padded": True, "ckpt": True}),
         ("llama", "a2a", {}), ("mistral", "a2a+p2p", {}),
