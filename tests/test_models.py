@@ -24,6 +24,7 @@ from nxd_cp.testing import run_ranks
 
 SEQ, BATCH, STEPS, LR = 256, 2, 3, 1e-3
 ARCHS = ("llama", "mistral", "gpt_neox")
+A2A_SIZE = 2  # comm "a2a+p2p" in these tests: all-to-all inside pairs of CP ranks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,9 +83,6 @@ def make_batch(seed, padded=False):
         ids[mask == 0] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-A2A_SIZE = 2  # comm "a2a+p2p" in these tests: all-to-all inside pairs of CP ranks
 
 
 def configure(comm="p2p", layout="zigzag", sp=False):
@@ -230,7 +228,8 @@ FOUR_PLANS = {
         ("mistral", "p2p", {"ckpt": True}), ("gpt_neox", "all_gather", {"ckpt": True}),
         ("llama", "p2p", {"vocab_parallel": True}), ("mistral", "p2p", {"meta": True}),
         # all-to-all (Ulysses): Hq/tp = 2 heads over cp = 2; Mistral's 1 KV head replicated
-        ("llama", "a2a", {}), ("mistral", "a2a", {"padded": True, "ckpt": True}), ("llama", "a2a", {"sp": True})],
+        ("llama", "a2a", {}), ("mistral", "a2a", {"padded": True, "ckpt": True}),
+        ("llama", "a2a", {"sp": True})],
     (1, 4): [(a, c, {}) for a in ARCHS for c in ("p2p", "all_gather")] + [
         ("mistral", "p2p", {"padded": True, "ckpt": True}),
         ("llama", "a2a", {}), ("mistral", "a2a+p2p", {}),
